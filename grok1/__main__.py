@@ -1,0 +1,3 @@
+from grok1.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Loading shared by the subcommands: model, config and tokenizer from command-line options."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from grok1.config import ModelConfig
+from grok1.model import Transformer
+from grok1.tokenizer import Tokenizer
+from grok1.weights.load import load_model, resolve_config
+
+
+def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    return resolve_config(args.checkpoint, args.config, args.preset)
+
+
+def model_from_args(args: argparse.Namespace) -> Transformer:
+    if not Path(args.checkpoint).exists():
+        raise ValueError(f"checkpoint directory {args.checkpoint} does not exist")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available in this torch build")
+    return load_model(args.checkpoint, config_from_args(args), args.device, dtype)
+
+
+def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
+    if args.tokenizer:
+        return Tokenizer(args.tokenizer)
+    ckpt = Path(args.checkpoint)
+    for candidate in (ckpt / "tokenizer.model", ckpt.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return Tokenizer(candidate)
+    raise ValueError(f"no tokenizer.model next to checkpoint {ckpt}: pass --tokenizer PATH")

@@ -1,0 +1,36 @@
+"""`grok1 score`: per-token log-likelihood of texts under the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from grok1.cli.common import model_from_args, tokenizer_from_args
+from grok1.engine.generate import score
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("score", parents=[common], help="log-probabilities of texts",
+                       description="Score each text: log-probability of every next token, the top "
+                                   "alternatives at each position, total log-likelihood and perplexity.")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="text to score")
+    p.add_argument("--top", type=int, default=5, metavar="N", help="alternatives listed per position (default 5)")
+    p.add_argument("--bos", action="store_true", help="prepend the BOS token (then the first token is scored too)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per text instead of a summary")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    tokenizer = tokenizer_from_args(args)
+    model = model_from_args(args)
+    for text in args.texts:
+        ids = tokenizer.encode(text, bos=args.bos)
+        result = score(model, ids, args.top)
+        if args.json:
+            print(json.dumps({"text": text, "ids": ids, **result}))
+        else:
+            n = len(result["token_logprobs"])
+            print(f"{result['total_logprob']:.4f} logprob over {n} tokens, perplexity {result['perplexity']:.3f}: {text}")
+    return 0

@@ -1,0 +1,172 @@
+"""ModelConfig: the architecture facts of a Grok-1 model, and named presets.
+
+Runtime knobs (batch size, dtype, device, parallelism) are not here: they live in
+`engine.engine.EngineConfig`; sampling knobs live in `engine.sampling.SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def ffn_size(widening_factor: float, dim: int) -> int:
+    """Expert width as the reference derives it: int(w * D) * 2 // 3, rounded up to a multiple of 8."""
+    f = int(widening_factor * dim) * 2 // 3
+    return f + (8 - f) % 8
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 131072
+    dim: int = 6144  # d_model ("emb_size")
+    n_layers: int = 64
+    n_heads: int = 48  # query heads
+    n_kv_heads: int = 8  # query head n uses KV head n // (n_heads // n_kv_heads)
+    head_dim: int = 128  # "key_size"; value size is the same
+    n_experts: int = 8
+    n_active_experts: int = 2  # top-k ("num_selected_experts")
+    ffn_dim: int = 32768  # expert hidden width
+    embedding_multiplier: float = 78.38367176906169  # sqrt(6144), on input embeddings
+    output_multiplier: float = 0.5773502691896257  # 1/sqrt(3), on logits
+    attn_scale: float = 0.08838834764831845  # "attn_output_multiplier": the QK logit scale
+    attn_softcap: float = 30.0  # logits -> cap * tanh(logits / cap), before masking
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    max_seq_len: int = 8192
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "n_experts", "n_active_experts", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
+                             f"n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.n_active_experts > self.n_experts:
+            raise ValueError(f"ModelConfig.n_active_experts ({self.n_active_experts}) exceeds "
+                             f"n_experts ({self.n_experts})")
+
+    # Parameter counts, from shapes (no biases; tied embedding counted once).
+    def attention_params(self) -> int:
+        return self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+
+    def expert_params(self) -> int:
+        return 3 * self.dim * self.ffn_dim  # one expert: gate, up, down
+
+    def layer_params(self) -> int:
+        return (self.attention_params() + self.n_experts * self.expert_params()
+                + self.dim * self.n_experts + 4 * self.dim)
+
+    def num_params(self) -> int:
+        return self.vocab_size * self.dim + self.dim + self.n_layers * self.layer_params()
+
+    def active_params(self) -> int:
+        """Parameters touched per token: top-k experts, and the embedding once (tied: read as the head)."""
+        per_layer = self.layer_params() - (self.n_experts - self.n_active_experts) * self.expert_params()
+        return self.vocab_size * self.dim + self.dim + self.n_layers * per_layer
+
+    def weight_bytes(self, embedding_bytes: int = 4, scale_groups: int = 8) -> int:
+        """Bytes in memory with int8 matrices as released (bf16 scales, at most `scale_groups` per
+        output), the embedding at `embedding_bytes` per value, float32 norms and router."""
+        matrices = self.n_layers * (self.attention_params() + self.n_experts * self.expert_params())
+        outputs = self.n_layers * (self.head_dim * (self.n_heads + 2 * self.n_kv_heads) + self.dim
+                                   + self.n_experts * (2 * self.ffn_dim + self.dim))
+        small = self.dim + self.n_layers * (4 * self.dim + self.dim * self.n_experts)
+        return (matrices + 2 * scale_groups * outputs + embedding_bytes * self.vocab_size * self.dim
+                + 4 * small)
+
+    def kv_cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int = 4) -> int:
+        return 2 * self.n_layers * batch * seq_len * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    # The reference (run.py) config format.
+    @classmethod
+    def from_reference_json(cls, path: str | Path) -> ModelConfig:
+        """Read a config written with the release's run.py field names (e.g. shared/golden/tiny-config.json)."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read model config {path}: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"model config {path}: expected a JSON object")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> ModelConfig:
+        """Accept either our field names or the reference's run.py names (not both for one field)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in raw.items():
+            name = _REFERENCE_NAMES.get(key, key)
+            if name in fields:
+                if name in kwargs and kwargs[name] != value:
+                    raise ValueError(f"{source}: field {key!r} conflicts with another name for {name!r}")
+                kwargs[name] = value
+        if "ffn_dim" not in kwargs and "widening_factor" in raw:
+            kwargs["ffn_dim"] = ffn_size(raw["widening_factor"], kwargs.get("dim", cls.dim))
+        missing = [k for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim")
+                   if k not in kwargs]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# run.py / golden config field name -> ModelConfig field name.
+_REFERENCE_NAMES = {
+    "emb_size": "dim",
+    "num_layers": "n_layers",
+    "num_q_heads": "n_heads",
+    "num_kv_heads": "n_kv_heads",
+    "key_size": "head_dim",
+    "num_experts": "n_experts",
+    "num_selected_experts": "n_active_experts",
+    "ffn_size": "ffn_dim",
+    "attn_output_multiplier": "attn_scale",
+    "embedding_multiplier_scale": "embedding_multiplier",
+    "output_multiplier_scale": "output_multiplier",
+    "attn_logit_softcap": "attn_softcap",
+    "rms_norm_eps": "norm_eps",
+    "sequence_len": "max_seq_len",
+    "pad_token": "pad_id",
+    "eos_token": "eos_id",
+    "bos_token_in_tokenizer": "bos_id",
+}
+
+_GROK1 = ModelConfig()
+
+PRESETS: dict[str, ModelConfig] = {
+    # The March 2024 release.
+    "grok-1": _GROK1,
+    # Same shapes as shared/golden/tiny-config.json: every feature, 12 layers so the
+    # checkpoint's lexicographic layer order (0, 1, 10, 11, 2, ...) is exercised.
+    "tiny": dataclasses.replace(_GROK1, dim=32, n_layers=12, n_heads=16, n_kv_heads=8, head_dim=16,
+                                ffn_dim=ffn_size(8, 32)),
+    # The two scaled configs of shared/BENCH.md (random weights, for benchmarks).
+    "bench-s": dataclasses.replace(_GROK1, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64,
+                                   ffn_dim=1376),
+    "bench-m": dataclasses.replace(_GROK1, dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=128,
+                                   ffn_dim=5472),
+}
+
+
+def from_name(name: str) -> ModelConfig:
+    """Exact preset lookup; the error lists the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,124 @@
+"""Build a ready-to-run model from a checkpoint directory.
+
+`load_model` builds the Transformer on the `meta` device (no memory), swaps in the int8
+modules when the checkpoint is int8, then assigns each checkpoint tensor as it is read
+(one at a time, moved straight to the target device), so peak memory is the model plus
+one tensor in flight.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from grok1.config import ModelConfig, from_name
+from grok1.model import Transformer
+from grok1.quant import swap_to_int8
+from grok1.weights import legacy, names
+from grok1.weights.legacy import CheckpointError
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """float32 on CPU (no fast bf16 matmul on most CPUs), bfloat16 on accelerators."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def find_legacy_dir(path: str | Path) -> Path | None:
+    """The release layout: `path/ckpt-0/tensor00000_000` (or `path` is the ckpt-0 directory itself)."""
+    path = Path(path)
+    for d in (path / "ckpt-0", path):
+        if (d / "tensor00000_000").is_file():
+            return d
+    return None
+
+
+def resolve_config(checkpoint: str | Path | None, config: str | Path | None = None,
+                   preset: str | None = None) -> ModelConfig:
+    """--config JSON wins, then --preset, then a config.json next to the checkpoint."""
+    if config is not None and preset is not None:
+        raise ValueError("give either a config file or a preset, not both")
+    if config is not None:
+        return ModelConfig.from_reference_json(config)
+    if preset is not None:
+        return from_name(preset)
+    if checkpoint is not None:
+        for candidate in (Path(checkpoint) / "config.json", Path(checkpoint).parent / "config.json"):
+            if candidate.is_file():
+                return ModelConfig.from_reference_json(candidate)
+    raise ValueError(f"no model config found next to checkpoint {checkpoint}: pass --config FILE or --preset NAME")
+
+
+def _to_torch(obj: np.ndarray | legacy.QuantizedWeight8bit) -> tuple[Tensor, Tensor | None]:
+    """numpy (sharing memory, no copy) -> (weight, scales or None); bf16 scales arrive as uint16 bits."""
+    if isinstance(obj, legacy.QuantizedWeight8bit):
+        return torch.from_numpy(obj.weight), torch.from_numpy(obj.scales.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(obj), None
+
+
+def legacy_tensors(ckpt_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor]]:
+    """Stream (our name, tensor) pairs from a release checkpoint; q/k/v are fused into wqkv."""
+    pending: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}  # wqkv name -> part -> (weight, scales)
+    for path, obj in legacy.read_checkpoint(ckpt_dir, cfg):
+        weight_name, scales_name, entry = names.from_reference(path)
+        w, s = _to_torch(obj)
+        if entry.transpose:
+            w = w.transpose(-1, -2).contiguous()
+        if entry.part is None:
+            yield weight_name, w
+            if scales_name is not None and s is not None:
+                yield scales_name, s
+            continue
+        parts = pending.setdefault(weight_name, {})
+        parts[entry.part] = (w, s)
+        if len(parts) == 3:
+            ws, ss = zip(*(parts[i] for i in range(3)))
+            if len({x.shape[0] for x in ss}) != 1:
+                raise CheckpointError(f"{ckpt_dir}: query/key/value of {weight_name} have different scale "
+                                      f"group counts {[x.shape[0] for x in ss]}; they must match to be fused")
+            yield weight_name, torch.cat(ws, dim=0)
+            yield scales_name, torch.cat(ss, dim=1)
+            del pending[weight_name]
+
+
+_SCALES = {"scales", "s1", "s2", "s3"}
+
+
+def _assign(model: nn.Module, name: str, tensor: Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    current = getattr(module, attr)
+    if attr not in _SCALES and current.shape != tensor.shape:  # scales carry their own group count
+        raise CheckpointError(f"tensor {name}: expected shape {tuple(current.shape)}, found {tuple(tensor.shape)}")
+    if attr in module._parameters:
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    else:
+        setattr(module, attr, tensor)
+
+
+def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """Load a checkpoint into an eval-mode Transformer computing in `dtype` on `device`."""
+    dtype = dtype or default_dtype(device)
+    ckpt_dir = find_legacy_dir(checkpoint)
+    if ckpt_dir is None:
+        raise CheckpointError(f"{checkpoint}: not a Grok-1 checkpoint directory (expected ckpt-0/tensor00000_000)")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    swap_to_int8(model)
+    for name, tensor in legacy_tensors(ckpt_dir, cfg):
+        if name == "tok_embeddings.weight":
+            tensor = tensor.to(dtype)  # the reference casts the table to the compute dtype before use
+        _assign(model, name, tensor.to(device))
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
+    return model.eval()
+
+
+def save_config(cfg: ModelConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from grok1.cli.common import model_from_args
+from grok1.cli.common import config_from_args, model_from_args
 from grok1.eval.check import compare, load_golden
 
 
@@ -25,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     golden = load_golden(args.golden)
-    model = model_from_args(args)
+    model = model_from_args(args, cfg)
     rows = compare(model, golden, args.precision, args.rel_tol, args.logit_tol)
     for r in rows:
         if args.verbose or not r.ok:

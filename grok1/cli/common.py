@@ -14,16 +14,17 @@ from grok1.weights.load import load_model, resolve_config
 
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """Check the checkpoint exists and find its config (cheap: call before anything slow)."""
+    if not Path(args.checkpoint).exists():
+        raise ValueError(f"checkpoint directory {args.checkpoint} does not exist")
     return resolve_config(args.checkpoint, args.config, args.preset)
 
 
-def model_from_args(args: argparse.Namespace) -> Transformer:
-    if not Path(args.checkpoint).exists():
-        raise ValueError(f"checkpoint directory {args.checkpoint} does not exist")
+def model_from_args(args: argparse.Namespace, cfg: ModelConfig) -> Transformer:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available in this torch build")
-    return load_model(args.checkpoint, config_from_args(args), args.device, dtype)
+    return load_model(args.checkpoint, cfg, args.device, dtype)
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from grok1.cli.common import model_from_args, tokenizer_from_args
+from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
 from grok1.engine.generate import generate_stream
 from grok1.engine.sampling import SamplingParams
 
@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--stream takes a single prompt")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
-    model = model_from_args(args)
+    model = model_from_args(args, cfg)
     prompts = [tokenizer.encode(p, bos=args.bos) for p in args.prompts]
     completions = {}
     for row, _, new_text, completion in generate_stream(model, prompts, [params] * len(prompts), tokenizer):

@@ -26,8 +26,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--context and --batch must be positive, got {args.context} and {args.batch}")
     cfg = config_from_args(args)
     ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        raise ValueError(f"checkpoint directory {ckpt} does not exist")
     disk = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     dtype_bytes = 2 if args.dtype == "bfloat16" or (args.dtype is None and args.device.startswith("cuda")) else 4
     weights = cfg.weight_bytes(embedding_bytes=dtype_bytes)

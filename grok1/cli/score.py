@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from grok1.cli.common import model_from_args, tokenizer_from_args
+from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
 from grok1.engine.generate import score
 
 
@@ -23,8 +23,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
+    cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
-    model = model_from_args(args)
+    model = model_from_args(args, cfg)
     for text in args.texts:
         ids = tokenizer.encode(text, bos=args.bos)
         result = score(model, ids, args.top)

@@ -66,20 +66,32 @@ class KVCache(nn.Module):
         self.register_buffer("valid", torch.zeros(batch, max_seq_len, dtype=torch.bool, device=device),
                              persistent=False)
 
-    def attention_mask(self, tokens: Tensor, pos: Tensor, pad_id: int, kv_len: int) -> Tensor:
-        """Record this call's tokens and return the mask [B, 1, 1, T, S=kv_len] (True = attend)."""
-        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # [B, 1]
-        self.valid[rows, pos] = tokens != pad_id
+    def attention_mask(self, tokens: Tensor, pos: Tensor, pad_id: int, kv_len: int,
+                       rows: Tensor | None = None) -> Tensor:
+        """Record this call's tokens and return the mask [B, 1, 1, T, S=kv_len] (True = attend).
+
+        Batch row b of the call uses cache row rows[b] (default: row b)."""
+        r = _rows(rows, tokens)
+        self.valid[r[:, None], pos] = tokens != pad_id
         key_pos = torch.arange(kv_len, device=tokens.device)
         causal = key_pos[None, None, :] <= pos[:, :, None]  # [B, T, S]
-        return (causal & self.valid[:, None, :kv_len])[:, None, None]
+        valid = self.valid[:, :kv_len] if rows is None else self.valid[rows, :kv_len]  # [B, S]
+        return (causal & valid[:, None, :])[:, None, None]
 
-    def update(self, layer: int, pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, T, K, Hd] at positions pos [B, T]; return this layer's [B, K, S=kv_len, Hd] views."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
-        self.k[layer][rows, :, pos] = k  # advanced indices first: target shape [B, T, K, Hd]
-        self.v[layer][rows, :, pos] = v
-        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+    def update(self, layer: int, pos: Tensor, k: Tensor, v: Tensor, kv_len: int,
+               rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, T, K, Hd] at positions pos [B, T] of cache rows `rows` [B] (default 0..B-1);
+        return this layer's keys and values [B, K, S=kv_len, Hd] for those rows."""
+        r = _rows(rows, k)
+        self.k[layer][r[:, None], :, pos] = k  # advanced indices first: target shape [B, T, K, Hd]
+        self.v[layer][r[:, None], :, pos] = v
+        if rows is None:  # a view, no copy
+            return self.k[layer, : k.shape[0], :, :kv_len], self.v[layer, : k.shape[0], :, :kv_len]
+        return self.k[layer, rows, :, :kv_len], self.v[layer, rows, :, :kv_len]
+
+
+def _rows(rows: Tensor | None, like: Tensor) -> Tensor:
+    return torch.arange(like.shape[0], device=like.device) if rows is None else rows
 
 
 class Attention(nn.Module):
@@ -94,7 +106,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor,
-                cache: KVCache | None, kv_len: int) -> Tensor:
+                cache: KVCache | None, kv_len: int, rows: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # [B, T, (H + 2K) * Hd]
         kv_size = qkv.shape[-1] // (self.group + 2)  # K * Hd, whatever slice of heads this module holds
@@ -103,7 +115,7 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, -1, self.head_dim), cos, sin)  # [B, T, K, Hd]
         v = v.view(B, T, -1, self.head_dim)
         if cache is not None:
-            k, v = cache.update(self.layer_id, pos, k, v, kv_len)  # [B, K, S, Hd]
+            k, v = cache.update(self.layer_id, pos, k, v, kv_len, rows)  # [B, K, S, Hd]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         n_kv = k.shape[1]
@@ -200,8 +212,9 @@ class Block(nn.Module):
         self.moe_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor,
-                cache: KVCache | None, kv_len: int) -> Tensor:
-        h = h + self.attn_post_norm(self.attention(self.attn_norm(h), cos, sin, mask, pos, cache, kv_len))
+                cache: KVCache | None, kv_len: int, rows: Tensor | None = None) -> Tensor:
+        att = self.attention(self.attn_norm(h), cos, sin, mask, pos, cache, kv_len, rows)
+        h = h + self.attn_post_norm(att)
         return h + self.moe_post_norm(self.moe(self.moe_norm(h)))
 
 
@@ -218,12 +231,14 @@ class Transformer(nn.Module):
         return KVCache(cfg.n_layers, batch, max_seq_len, cfg.n_kv_heads, cfg.head_dim, w.dtype, w.device)
 
     def forward(self, tokens: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,
-                logits_at: Tensor | None = None, hidden: list[Tensor] | None = None) -> Tensor:
+                logits_at: Tensor | None = None, hidden: list[Tensor] | None = None,
+                cache_rows: Tensor | None = None) -> Tensor:
         """tokens [B, T] -> logits [B, T, V] (or [B, V] at positions logits_at [B]).
 
         Without a cache, the T tokens are the whole sequence (positions 0..T-1) and token id 0
         is masked as a key, as in the reference forward. With a cache, row b's tokens sit at
-        positions start_pos[b] + 0..T-1 and are attended together with the cached prefix.
+        positions start_pos[b] + 0..T-1 of cache row cache_rows[b] (default b) and are attended
+        together with the cached prefix.
         If `hidden` is a list, the residual stream after the embedding and after each layer is
         appended to it.
         """
@@ -239,14 +254,14 @@ class Transformer(nn.Module):
             mask = mask[:, None, None]  # [B, 1, 1, T, S]
         else:
             kv_len = int(pos.max()) + 1
-            mask = cache.attention_mask(tokens, pos, cfg.pad_id, kv_len)
+            mask = cache.attention_mask(tokens, pos, cfg.pad_id, kv_len, cache_rows)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_base)
         w_emb = self.tok_embeddings.weight
         h = self.tok_embeddings(tokens) * cfg.embedding_multiplier  # [B, T, D], compute dtype = w_emb.dtype
         if hidden is not None:
             hidden.append(h)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, pos, cache, kv_len)
+            h = layer(h, cos, sin, mask, pos, cache, kv_len, cache_rows)
             if hidden is not None:
                 hidden.append(h)
         if logits_at is not None:

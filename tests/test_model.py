@@ -154,3 +154,18 @@ def test_output_uses_tied_embedding_and_multipliers(small_model):
         expect = h @ small_model.tok_embeddings.weight.T * cfg.output_multiplier
     torch.testing.assert_close(hidden[0][0, 0], small_model.tok_embeddings.weight[11] * cfg.embedding_multiplier)
     torch.testing.assert_close(logits, expect)
+
+
+def test_cache_rows_select_slots(small_model):
+    """Rows of a shared cache can be driven independently (continuous batching): same results as alone."""
+    torch.manual_seed(5)
+    a, b = torch.randint(1, 512, (1, 6)), torch.randint(1, 512, (1, 4))
+    with torch.no_grad():
+        ref_a, ref_b = small_model(a), small_model(b)
+        cache = small_model.new_cache(4, 16)
+        pa = small_model(a[:, :5], torch.tensor([0]), cache, cache_rows=torch.tensor([2]))
+        pb = small_model(b[:, :3], torch.tensor([0]), cache, cache_rows=torch.tensor([0]))
+        step = small_model(torch.tensor([[a[0, 5]], [b[0, 3]]]), torch.tensor([5, 3]), cache,
+                           cache_rows=torch.tensor([2, 0]))
+    torch.testing.assert_close(torch.cat([pa[0], step[0]]), ref_a[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([pb[0], step[1]]), ref_b[0], atol=1e-4, rtol=1e-4)

@@ -8,7 +8,6 @@ one tensor in flight.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from torch import Tensor, nn
 
 from grok1.config import ModelConfig, from_name
 from grok1.model import Transformer
-from grok1.quant import swap_to_int8
+from grok1.quant import Int8Linear, swap_to_int8
 from grok1.weights import legacy, names
+from grok1.weights import safetensors as st
 from grok1.weights.legacy import CheckpointError
 
 
@@ -88,10 +88,20 @@ def legacy_tensors(ckpt_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tens
 _SCALES = {"scales", "s1", "s2", "s3"}
 
 
+def to_compute_dtype(name: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """Float matrices and the embedding compute in `dtype` (the reference casts them so); norm scales,
+    the router and int8 scales keep their stored dtype."""
+    keep = name.endswith(("norm.weight", "moe.gate.weight")) or name.rpartition(".")[2] in _SCALES
+    return tensor if keep or not tensor.is_floating_point() else tensor.to(dtype)
+
+
 def _assign(model: nn.Module, name: str, tensor: Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    current = getattr(module, attr)
+    try:
+        module = model.get_submodule(module_name)
+        current = getattr(module, attr)
+    except AttributeError:
+        raise CheckpointError(f"checkpoint tensor {name} has no place in the model") from None
     if attr not in _SCALES and current.shape != tensor.shape:  # scales carry their own group count
         raise CheckpointError(f"tensor {name}: expected shape {tuple(current.shape)}, found {tuple(tensor.shape)}")
     if attr in module._parameters:
@@ -102,23 +112,36 @@ def _assign(model: nn.Module, name: str, tensor: Tensor) -> None:
 
 def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
-    """Load a checkpoint into an eval-mode Transformer computing in `dtype` on `device`."""
+    """Load a checkpoint (grok1 safetensors or the release's ckpt-0) into an eval-mode Transformer
+    computing in `dtype` on `device`. int8 weights stay int8."""
     dtype = dtype or default_dtype(device)
-    ckpt_dir = find_legacy_dir(checkpoint)
-    if ckpt_dir is None:
-        raise CheckpointError(f"{checkpoint}: not a Grok-1 checkpoint directory (expected ckpt-0/tensor00000_000)")
+    if st.is_checkpoint(checkpoint):
+        _, kind = st.read_config(checkpoint)
+        tensors: Iterator[tuple[str, Tensor]] = iter(st.open_checkpoint(checkpoint).items())
+    else:
+        ckpt_dir = find_legacy_dir(checkpoint)
+        if ckpt_dir is None:
+            raise CheckpointError(f"{checkpoint}: not a Grok-1 checkpoint directory (expected {st.INDEX} "
+                                  "or the release's ckpt-0/tensor00000_000)")
+        kind, tensors = "int8", legacy_tensors(ckpt_dir, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
-    swap_to_int8(model)
-    for name, tensor in legacy_tensors(ckpt_dir, cfg):
-        if name == "tok_embeddings.weight":
-            tensor = tensor.to(dtype)  # the reference casts the table to the compute dtype before use
-        _assign(model, name, tensor.to(device))
+    if kind == "int8":
+        swap_to_int8(model)
+    for name, tensor in tensors:
+        _assign(model, name, to_compute_dtype(name, tensor, dtype).to(device))
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
     return model.eval()
 
 
-def save_config(cfg: ModelConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+def weight_kind(model: Transformer) -> str:
+    """"int8" when the model holds int8 matrices, else the dtype of its float matrices."""
+    wqkv = model.layers[0].attention.wqkv
+    return "int8" if isinstance(wqkv, Int8Linear) else str(wqkv.weight.dtype).removeprefix("torch.")
+
+
+def save_model(model: Transformer, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write a model in grok1's safetensors format (int8 stays int8)."""
+    return st.save_checkpoint(model.state_dict(), model.config, out_dir, weight_kind(model), tokenizer)

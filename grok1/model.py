@@ -193,7 +193,7 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x_ND = x.reshape(-1, x.shape[-1])
-        probs_NE = torch.softmax(F.linear(x_ND.float(), self.gate.weight.float()), dim=-1)
+        probs_NE = torch.softmax(self.gate(x_ND.float()), dim=-1)  # router in float32 (its weight stays float32)
         # Softmax over all experts first, then top-k; the chosen probabilities are NOT renormalised.
         gate_NA, idx_NA = probs_NE.topk(self.n_active, dim=-1)
         return self.experts(x_ND, idx_NA, gate_NA.to(x.dtype)).view_as(x)

@@ -3,6 +3,21 @@
 Grok-1 ships a SentencePiece BPE model (vocab 131072, byte fallback, pad 0, bos 1,
 eos 2, unk 3). Prompts are encoded without BOS, as the reference runner does.
 
+Chat template. Grok-1 is a base model, so grok1 defines a plain-text chat format (used by
+`/v1/chat/completions`, `grok1 chat` and the web page): each turn is `Role: text` followed by a
+blank line, roles System, User and Assistant, and the prompt ends with `Assistant:` for the model
+to continue. Generation stops at CHAT_STOP (the start of the next turn):
+
+    System: You are a helpful assistant.
+
+    User: Hi!
+
+    Assistant: Hello! How can I help?
+
+    User: What is 2 + 2?
+
+    Assistant:
+
 Imports nothing from grok1 (layer 0).
 """
 
@@ -12,6 +27,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+
+CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOP = ("\nUser:", "\nSystem:")  # a reply ends where the model starts the next turn
+PERSONAS = {
+    "grok": "You are Grok, a chatbot built by xAI and inspired by the Hitchhiker's Guide to the Galaxy. "
+            "You answer with wit and a rebellious streak, you are maximally helpful, and you say so "
+            "plainly when you do not know something.",
+}
+
+
+def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """OpenAI-style messages [{"role": "system"|"user"|"assistant", "content": str}, ...] -> prompt text
+    in the chat template above, ending with "Assistant:". Raises ValueError for an unknown role."""
+    turns = []
+    for i, m in enumerate(messages):
+        role = CHAT_ROLES.get(m.get("role", ""))
+        if role is None:
+            raise ValueError(f"message {i}: role {m.get('role')!r} is not one of {', '.join(CHAT_ROLES)}")
+        turns.append(f"{role}: {str(m.get('content') or '').strip()}\n\n")
+    return "".join(turns) + "Assistant:"
 
 
 class Tokenizer:

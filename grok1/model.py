@@ -218,17 +218,36 @@ class Block(nn.Module):
         return h + self.moe_post_norm(self.moe(self.moe_norm(h)))
 
 
+class TiedEmbedding(nn.Module):
+    """The [V, D] table: rows are the input embeddings, and its transpose is the output projection."""
+
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: embeddings leave here in it, and everything downstream follows."""
+        return self.weight.dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight)  # [B, T, D]
+
+    def unembed(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight)  # [.., V]
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)  # tied: also the output projection
+        self.tok_embeddings = TiedEmbedding(cfg.vocab_size, cfg.dim)  # tied: also the output projection
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def new_cache(self, batch: int, max_seq_len: int) -> KVCache:
-        cfg, w = self.config, self.tok_embeddings.weight
-        return KVCache(cfg.n_layers, batch, max_seq_len, cfg.n_kv_heads, cfg.head_dim, w.dtype, w.device)
+        cfg, emb = self.config, self.tok_embeddings
+        return KVCache(cfg.n_layers, batch, max_seq_len, cfg.n_kv_heads, cfg.head_dim, emb.dtype, emb.weight.device)
 
     def forward(self, tokens: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,
                 logits_at: Tensor | None = None, hidden: list[Tensor] | None = None,
@@ -256,8 +275,7 @@ class Transformer(nn.Module):
             kv_len = int(pos.max()) + 1
             mask = cache.attention_mask(tokens, pos, cfg.pad_id, kv_len, cache_rows)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_base)
-        w_emb = self.tok_embeddings.weight
-        h = self.tok_embeddings(tokens) * cfg.embedding_multiplier  # [B, T, D], compute dtype = w_emb.dtype
+        h = self.tok_embeddings(tokens) * cfg.embedding_multiplier  # [B, T, D], in the compute dtype
         if hidden is not None:
             hidden.append(h)
         for layer in self.layers:
@@ -266,7 +284,7 @@ class Transformer(nn.Module):
                 hidden.append(h)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B, D]
-        return F.linear(self.norm(h), w_emb) * cfg.output_multiplier  # [.., V], tied unembedding
+        return self.tok_embeddings.unembed(self.norm(h)) * cfg.output_multiplier  # [.., V], tied
 
 
 def init_weights(model: Transformer, generator: torch.Generator | None = None) -> None:

@@ -1,0 +1,231 @@
+"""Engine: owns the model, the tokenizer, one static KV cache and the Scheduler.
+
+`step()` is schedule -> run the model -> sample -> postprocess:
+  - requests admitted this step are prefilled together, right-padded, into their own cache rows
+    (`cache_rows`), giving the logits of each prompt's last token;
+  - every other running request decodes one token in a single batched forward over its rows;
+  - one token is sampled per request with its own SamplingParams and seeded generator, so a
+    request gets the same tokens whatever else shares the batch.
+
+Threading: `add_request()` and `cancel()` may be called from any thread; `step()` runs on one
+thread only: the caller's (`stream()`, `generate()`) or the background thread of `start()`.
+Outputs reach each request's `on_output` callback on that thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from grok1.engine.cache import clear_slot
+from grok1.engine.sampling import SamplingParams, logprobs, params_to_tensors, sample
+from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob
+from grok1.model import Transformer
+from grok1.tokenizer import Tokenizer
+
+log = logging.getLogger("grok1.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16  # KV-cache rows = requests decoding together
+    max_seq_len: int = 2048  # tokens per row (prompt + completion); capped at the model's context
+    max_queue: int = 256  # waiting requests beyond which add_request raises QueueFull
+    prefill_tokens: int = 4096  # padded prompt tokens one prefill may hold (at least one prompt)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig = EngineConfig()) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config
+        self.max_seq_len = min(config.max_seq_len, model.config.max_seq_len)
+        self.device = model.tok_embeddings.weight.device
+        self.cache = model.new_cache(config.max_batch, self.max_seq_len)
+        self.scheduler = Scheduler(config.max_batch, self.max_seq_len, config.max_queue, config.prefill_tokens,
+                                   model.config.eos_id, tokenizer)
+        self.lock = threading.Lock()  # guards the scheduler between step() and other threads
+        self.wakeup = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.on_step: Callable[[Batch, float], None] | None = None  # metrics hook: (batch, seconds)
+        self.steps = self.prompt_tokens = self.generated_tokens = 0
+
+    # ---- requests (any thread) ----
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                    logprobs: int | None = None, on_output: Callable[[Output], None] | None = None) -> Request:
+        """Queue a prompt. Raises ValueError (prompt empty or too long for the context) or QueueFull."""
+        req = Request(list(prompt_ids), params, logprobs=logprobs if logprobs is not None else
+                      (params.logprobs or None), on_output=on_output)
+        if request_id is not None:
+            req.id = request_id
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("the engine is shutting down")
+            self.scheduler.add(req)
+        self.wakeup.set()
+        return req
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request (e.g. its client went away); its slot is freed at the next step."""
+        with self.lock:
+            self.scheduler.cancel(request_id)
+        self.wakeup.set()
+
+    def stats(self) -> dict:
+        with self.lock:
+            s = self.scheduler
+            return {"waiting": len(s.waiting), "running": len(s.running), "free_slots": s.slots.num_free,
+                    "max_batch": s.slots.n_slots, "steps": self.steps, "prompt_tokens": self.prompt_tokens,
+                    "generated_tokens": self.generated_tokens}
+
+    # ---- the step (one thread) ----
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        """Schedule, run the model once for the batch, sample, postprocess; deliver and return the outputs."""
+        t0 = time.perf_counter()
+        with self.lock:
+            batch, emits = self.scheduler.schedule()
+        if len(batch):
+            parts = [self._prefill(batch.prefill)] if batch.prefill else []
+            if batch.decode:
+                parts.append(self._decode(batch.decode))
+            logits = torch.cat(parts)  # [B, V], prefill rows first
+            reqs = batch.prefill + batch.decode
+            tokens = self._sample(logits, reqs)
+            lps = self._logprobs(logits, tokens, reqs)
+            with self.lock:
+                emits += self.scheduler.postprocess(reqs, tokens.tolist(), lps)
+            self.steps += 1
+            self.prompt_tokens += sum(len(r.prompt_ids) for r in batch.prefill)
+            self.generated_tokens += len(reqs)
+            if self.on_step is not None:
+                self.on_step(batch, time.perf_counter() - t0)
+        return self._deliver(emits)
+
+    def _prefill(self, reqs: list[Request]) -> Tensor:
+        lengths = torch.tensor([len(r.prompt_ids) for r in reqs], device=self.device)
+        tokens = torch.full((len(reqs), int(lengths.max())), self.model.config.pad_id, device=self.device)
+        for i, r in enumerate(reqs):
+            clear_slot(self.cache, r.slot)
+            tokens[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        rows = torch.tensor([r.slot for r in reqs], device=self.device)
+        start = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
+        return self.model(tokens, start, self.cache, logits_at=lengths - 1, cache_rows=rows)  # [B, V]
+
+    def _decode(self, reqs: list[Request]) -> Tensor:
+        tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # [B, 1]
+        pos = torch.tensor([r.last_pos for r in reqs], device=self.device)
+        rows = torch.tensor([r.slot for r in reqs], device=self.device)
+        return self.model(tokens, pos, self.cache, cache_rows=rows)[:, 0]  # [B, V]
+
+    def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:
+        """Greedy rows take the argmax (what sample() gives them, without its full-vocab sorts);
+        the others go through sample() with their own generators."""
+        tokens = logits.argmax(dim=-1)  # [B]
+        rows = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
+        if rows:
+            params = [reqs[i].params for i in rows]
+            t, p, k = params_to_tensors(params, self.device)
+            idx = torch.tensor(rows, device=self.device)
+            tokens[idx] = sample(logits[idx], t, p, k, [reqs[i].generator for i in rows])
+        return tokens
+
+    def _logprobs(self, logits: Tensor, tokens: Tensor, reqs: list[Request]) -> list[TokenLogprob | None]:
+        rows = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(reqs)
+        if not rows:
+            return out
+        idx = torch.tensor(rows, device=self.device)
+        lp = logprobs(logits[idx])  # [R, V]
+        chosen = lp.gather(-1, tokens[idx, None])[:, 0].tolist()
+        k = max(reqs[i].logprobs or 0 for i in rows)
+        top_lp, top_ids = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            n = reqs[i].logprobs or 0
+            out[i] = TokenLogprob(int(tokens[i]), chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n])))
+        return out
+
+    @staticmethod
+    def _deliver(emits: list[Emit]) -> list[Output]:
+        for req, out in emits:
+            if req.on_output is not None:
+                req.on_output(out)
+        return [out for _, out in emits]
+
+    # ---- driving it ----
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, logprobs: int | None = None) -> Iterator[Output]:
+        """Run one request to the end, stepping on the caller's thread (no background thread);
+        other queued requests advance too. Closing the iterator early cancels the request."""
+        assert self.thread is None, "stream() steps itself; with start() use add_request(on_output=...)"
+        pending: list[Output] = []
+        req = self.add_request(prompt_ids, params, logprobs=logprobs, on_output=pending.append)
+        try:
+            while True:
+                if not pending:
+                    self.step()
+                while pending:
+                    out = pending.pop(0)
+                    yield out
+                    if out.finish_reason is not None:
+                        return
+        finally:
+            if req.finish_reason is None:
+                self.cancel(req.id)
+                with self.lock:
+                    self._deliver(self.scheduler.retire_cancelled())
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Request]:
+        """Queue all prompts, step until every one is finished; the finished Requests in prompt order."""
+        assert self.thread is None, "generate() steps itself; stop the background thread first"
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while any(r.finish_reason is None for r in reqs):
+            self.step()
+        return reqs
+
+    def start(self) -> None:
+        """Run step() on a background thread until shutdown()."""
+        assert self.thread is None, "the engine thread is already running"
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="grok1-engine", daemon=True)
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the background thread; requests still queued or running finish as "cancelled"."""
+        with self.lock:
+            self.stopping = True
+        self.wakeup.set()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        with self.lock:
+            emits = self.scheduler.abort_all("cancelled")
+        self._deliver(emits)
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            with self.lock:
+                idle = not self.scheduler.has_work()
+            if idle:
+                self.wakeup.wait(timeout=0.5)
+                self.wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # keep serving: fail the requests of the broken step, not the engine
+                log.exception("engine step failed; finishing its requests with an error")
+                with self.lock:
+                    emits = self.scheduler.abort_all("error")
+                self._deliver(emits)

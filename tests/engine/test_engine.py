@@ -1,0 +1,175 @@
+"""The continuous-batching Engine: batching never changes results, slots come back, limits are errors."""
+
+import threading
+
+import pytest
+import torch
+
+from grok1.engine.engine import Engine, EngineConfig
+from grok1.engine.generate import generate
+from grok1.engine.sampling import SamplingParams
+from grok1.engine.scheduler import QueueFull
+
+PROMPTS = [[5, 9, 200, 31, 7, 7, 100], [42], [300, 301, 302, 303], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+
+
+def engine(model, tokenizer=None, **config) -> Engine:
+    return Engine(model, tokenizer, EngineConfig(**({"max_batch": 4, "max_seq_len": 64} | config)))
+
+
+def run_staggered(eng, prompts, params):
+    """Requests arrive one per step, so they join a batch that is already decoding."""
+    reqs = []
+    for p, sp in zip(prompts, params):
+        reqs.append(eng.add_request(p, sp))
+        eng.step()
+    while any(r.finish_reason is None for r in reqs):
+        eng.step()
+    return [r.output_ids for r in reqs]
+
+
+def test_concurrent_greedy_equals_each_alone_and_static_generate(small_model):
+    eng = engine(small_model)
+    alone = [eng.generate([p], [GREEDY])[0].output_ids for p in PROMPTS]
+    assert [c.token_ids for c in generate(small_model, PROMPTS, [GREEDY] * 4)] == alone
+    assert [r.output_ids for r in eng.generate(PROMPTS, [GREEDY] * 4)] == alone
+    assert run_staggered(eng, PROMPTS, [GREEDY] * 4) == alone
+    # more requests than slots: some wait, then reuse the slots of finished ones
+    assert [r.output_ids for r in engine(small_model, max_batch=2).generate(PROMPTS, [GREEDY] * 4)] == alone
+
+
+def test_seeded_sampling_is_independent_of_the_batch(small_model):
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=s, max_new_tokens=10, ignore_eos=True)
+              for s in range(4)]
+    mixed = [params[0], GREEDY, params[2], params[3]]  # greedy and sampled rows in one batch
+    eng = engine(small_model)
+    for ps in (params, mixed):
+        alone = [eng.generate([p], [sp])[0].output_ids for p, sp in zip(PROMPTS, ps)]
+        assert run_staggered(eng, PROMPTS, ps) == alone
+        assert [c.token_ids for c in generate(small_model, PROMPTS, ps)] == alone
+
+
+def test_golden_model_batched_text_equals_alone(golden_model, shared_dir):
+    from grok1.tokenizer import Tokenizer
+
+    tok = Tokenizer(shared_dir / "grok-1" / "tokenizer.model")
+    eng = Engine(golden_model, tok, EngineConfig(max_batch=8, max_seq_len=128))
+    texts = ["The answer to life the universe and everything is", "Hello", "Once upon a time", "1, 2, 3,"]
+    prompts = [tok.encode(t) for t in texts]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)] * 4
+    alone = [eng.generate([p], params[:1])[0] for p in prompts]
+    together = eng.generate(prompts * 2, params * 2)
+    assert [r.output_ids for r in together] == [r.output_ids for r in alone] * 2
+    assert [r.text for r in together] == [tok.decode(r.output_ids) for r in alone] * 2
+    # a stop string cuts the text before it and finishes with "stop"
+    cut = alone[0].text[4:7]
+    stopped = eng.generate([prompts[0]], [SamplingParams(temperature=0.0, max_new_tokens=8, stop=(cut,))])[0]
+    assert stopped.finish_reason == "stop" and stopped.text == alone[0].text[: alone[0].text.index(cut)]
+
+
+def test_cancel_frees_the_slot_at_the_next_step(small_model):
+    eng = engine(small_model, max_batch=1)
+    long = eng.add_request(PROMPTS[0], SamplingParams(temperature=0.0, max_new_tokens=50))
+    waiting = eng.add_request(PROMPTS[1], GREEDY)
+    eng.step()
+    eng.step()
+    assert eng.stats()["free_slots"] == 0 and waiting.slot is None
+    eng.cancel(long.id)
+    outs = eng.step()
+    assert long.finish_reason == "cancelled" and waiting.slot == 0
+    assert [o.finish_reason for o in outs if o.request_id == long.id] == ["cancelled"]
+    stream = eng.stream(PROMPTS[2], GREEDY)
+    next(stream)
+    stream.close()  # the client stops reading: the request is cancelled and its slot freed right away
+    while waiting.finish_reason is None:
+        eng.step()
+    assert eng.stats()["free_slots"] == 1 and not eng.scheduler.has_work()
+
+
+def test_prompt_too_long_empty_and_queue_full_are_rejected(small_model):
+    eng = engine(small_model, max_seq_len=16, max_queue=2)
+    with pytest.raises(ValueError, match="16 tokens but the context holds 16"):
+        eng.add_request(list(range(5, 21)), GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([], GREEDY)
+    eng.add_request([5], GREEDY)
+    eng.add_request([5], GREEDY)
+    with pytest.raises(QueueFull):
+        eng.add_request([5], GREEDY)
+    # a prompt that leaves room for some tokens stops at the end of the context
+    short = engine(small_model, max_seq_len=16).generate([list(range(5, 17))], [GREEDY])[0]
+    assert short.finish_reason == "length" and len(short.output_ids) == 4
+
+
+def test_logprobs_match_a_full_forward(small_model):
+    eng = engine(small_model)
+    outs = list(eng.stream(PROMPTS[0], SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True),
+                           logprobs=3))
+    ids = PROMPTS[0] + [o.token_ids[0] for o in outs]
+    with torch.no_grad():
+        ref = small_model(torch.tensor([ids]))[0].float().log_softmax(-1)  # [T, V]
+    for i, o in enumerate(outs):
+        (lp,) = o.logprobs
+        row = ref[len(PROMPTS[0]) - 1 + i]
+        assert lp.token_id == ids[len(PROMPTS[0]) + i]
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
+
+
+def test_background_thread_serves_many_threads_and_shuts_down(small_model):
+    eng = engine(small_model)
+    alone = [eng.generate([p], [GREEDY])[0].output_ids for p in PROMPTS]
+    eng.start()
+    results, done = {}, threading.Barrier(len(PROMPTS) + 1)
+
+    def client(i):
+        got = []
+        finished = threading.Event()
+
+        def sink(out):
+            got.extend(out.token_ids)
+            if out.finish_reason:
+                finished.set()
+
+        eng.add_request(PROMPTS[i], GREEDY, on_output=sink)
+        finished.wait(timeout=120)
+        results[i] = got
+        done.wait(timeout=120)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    done.wait(timeout=120)
+    assert [results[i] for i in range(len(PROMPTS))] == alone
+    stuck = []
+    eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=60), on_output=lambda o: stuck.append(o))
+    eng.shutdown()
+    assert stuck and stuck[-1].finish_reason == "cancelled" and not eng.alive()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        eng.add_request([5], GREEDY)
+
+
+def test_a_failing_step_finishes_its_requests_with_error_and_the_engine_goes_on(small_model, monkeypatch):
+    eng = engine(small_model)
+    real = eng._decode
+    calls = {"n": 0}
+
+    def flaky(reqs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(reqs)
+
+    monkeypatch.setattr(eng, "_decode", flaky)
+    eng.start()
+    try:
+        outs, finished = [], threading.Event()
+        eng.add_request(PROMPTS[0], GREEDY, on_output=lambda o: (outs.append(o), o.finish_reason and finished.set()))
+        assert finished.wait(timeout=60) and outs[-1].finish_reason == "error"
+        outs.clear()
+        finished.clear()
+        eng.add_request(PROMPTS[0], GREEDY, on_output=lambda o: (outs.append(o), o.finish_reason and finished.set()))
+        assert finished.wait(timeout=60) and outs[-1].finish_reason == "length" and eng.alive()
+    finally:
+        eng.shutdown()

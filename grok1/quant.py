@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grok1.model import Experts, Transformer, route_to_experts
+from grok1 import kernels
+from grok1.model import Experts, TiedEmbedding, Transformer, route_to_experts
 
 
 def dequantize(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
@@ -52,7 +53,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(groups, out_features, dtype=torch.bfloat16, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, dequantize(self.weight, self.scales, x.dtype))
+        y = kernels.int8_linear(x, self.weight, self.scales)  # int8 converted in registers (CPU, float32)
+        return y if y is not None else F.linear(x, dequantize(self.weight, self.scales, x.dtype))
 
 
 class Int8Experts(nn.Module):
@@ -72,7 +74,65 @@ class Int8Experts(nn.Module):
                 dequantize(self.w3[idx], self.s3[idx], dtype))
 
     def forward(self, x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor) -> Tensor:
-        return route_to_experts(self.expert_weights, x_ND, idx_NA, gate_NA, self.n_experts)
+        if kernels.int8_linear(x_ND[:0], self.w1[0, :0], self.s1[0, :, :0]) is None:
+            return route_to_experts(self.expert_weights, x_ND, idx_NA, gate_NA, self.n_experts)
+        if x_ND.shape[0] == 1:  # decode: just the chosen experts, no sorting
+            y = torch.zeros_like(x_ND)
+            for gate, e in zip(gate_NA[0], idx_NA[0].tolist()):
+                y += gate * self._expert(e, x_ND)
+            return y
+        # Group (token, slot) rows by expert: each chosen expert's weights are read once per call.
+        A = idx_NA.shape[1]
+        order = idx_NA.flatten().argsort(stable=True)  # [N*A]
+        counts = torch.bincount(idx_NA.flatten(), minlength=self.n_experts).tolist()
+        token = order // A
+        x_RD = x_ND[token]  # [N*A, D] sorted by expert
+        y_RD = torch.empty_like(x_RD)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                y_RD[start : start + n] = self._expert(e, x_RD[start : start + n])
+                start += n
+        return torch.zeros_like(x_ND).index_add_(0, token, y_RD * gate_NA.flatten()[order, None])
+
+    def _expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on rows x [M, D] with the compiled kernel: (gelu(x w1^T) * (x w3^T)) w2^T."""
+        h = F.gelu(kernels.int8_linear(x, self.w1[e], self.s1[e]), approximate="tanh")
+        h = h * kernels.int8_linear(x, self.w3[e], self.s3[e])
+        return kernels.int8_linear(h, self.w2[e], self.s2[e])
+
+
+class Int8TiedEmbedding(nn.Module):
+    """An int8 embedding table [V, D] with one bf16 scale per row ([1, V]), used for lookup and as the
+    output projection. Not the release's format (its table is float32): an opt-in for speed, since the
+    unembedding is the largest single read per decoded token."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.compute_dtype = dtype
+        self.register_buffer("weight", torch.zeros(vocab_size, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(1, vocab_size, dtype=torch.bfloat16, device=device))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = self.weight[tokens]  # [B, T, D] int8
+        return (rows.float() * self.scales[0, tokens].float()[..., None]).to(self.compute_dtype)
+
+    def unembed(self, h: Tensor) -> Tensor:
+        y = kernels.int8_linear(h, self.weight, self.scales)
+        return y if y is not None else F.linear(h, dequantize(self.weight, self.scales, h.dtype))
+
+
+def quantize_embedding(model: Transformer) -> None:
+    """Replace the float tied embedding by an int8 one (per-row scales), keeping its compute dtype."""
+    emb: TiedEmbedding = model.tok_embeddings
+    V, D = emb.weight.shape
+    q = Int8TiedEmbedding(V, D, emb.dtype, emb.weight.device)
+    q.weight, q.scales = quantize(emb.weight.data, groups=1)
+    model.tok_embeddings = q
 
 
 def swap_to_int8(model: Transformer, groups: dict[str, int] | None = None) -> None:

@@ -51,3 +51,18 @@ def test_int8_model_close_to_float_and_keeps_int8():
     rel = (out - ref).abs().max() / ref.abs().max()
     assert rel < 0.05
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_int8_embedding_is_close_and_int8():
+    from grok1.quant import Int8TiedEmbedding, quantize_embedding
+
+    cfg = small_config()
+    model = Transformer(cfg)
+    init_weights(model, torch.Generator().manual_seed(0))
+    tokens = torch.randint(1, cfg.vocab_size, (2, 6))
+    with torch.no_grad():
+        ref = model(tokens)
+        quantize_embedding(model)
+        out = model(tokens)
+    assert isinstance(model.tok_embeddings, Int8TiedEmbedding) and model.tok_embeddings.weight.dtype == torch.int8
+    assert (out - ref).abs().max() / ref.abs().max() < 0.05

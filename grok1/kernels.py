@@ -1,0 +1,68 @@
+"""Compiled CPU kernels (grok1/csrc/*.cpp), built with torch's C++ extension loader at first use.
+
+The build is cached (under ~/.cache/torch_extensions, keyed by source, flags and this CPU's
+instruction set), so only the first run on a machine pays the ~30-60 s compile. Where no
+compiler is available the callers fall back to plain torch, after one warning. Set
+GROK1_KERNELS=0 to force the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).parent / "csrc" / "int8_linear.cpp"
+
+# Rows of activations from which the int8 matmul dequantises weight tiles and uses BLAS (compute-bound
+# prefill) instead of streaming the weights through the register kernel (memory-bound decode).
+GEMM_MIN_ROWS = 16
+
+
+def _cpu_tag() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+@functools.cache
+def int8_ops() -> ModuleType | None:
+    """The compiled int8 module, or None (with one warning) where it cannot be built."""
+    if os.environ.get("GROK1_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load
+
+        name = f"grok1_int8_{_cpu_tag()}"
+        if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
+            print("grok1: compiling the int8 CPU kernel (first use on this machine, about a minute)...",
+                  file=sys.stderr)
+        return load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, unsupported platform: run slower, but run
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"grok1: int8 CPU kernel unavailable ({reason}); using the slower pure-torch path",
+                      stacklevel=2)
+        return None
+
+
+def int8_linear(x: Tensor, q: Tensor, scales: Tensor) -> Tensor | None:
+    """x [.., K] float32 @ dequant(q [N, K] int8, scales [G, N] bf16).T on CPU, or None when the
+    compiled kernel does not apply (other device or dtype, or not built): the caller falls back."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or q.device.type != "cpu":
+        return None
+    ops = int8_ops()
+    if ops is None:
+        return None
+    y = ops.int8_linear(x.reshape(-1, x.shape[-1]), q, scales, GEMM_MIN_ROWS)
+    return y.view(*x.shape[:-1], q.shape[0])

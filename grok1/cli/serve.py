@@ -1,0 +1,67 @@
+"""`grok1 serve`: the OpenAI-compatible HTTP server and the web chat page."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
+from grok1.engine.engine import Engine, EngineConfig
+from grok1.tokenizer import PERSONAS
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Engine knobs shared by `serve` and `chat`."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="requests decoded together (KV-cache rows; default: serve 16, chat 1)")
+    g.add_argument("--max-seq-len", type=int, default=2048, metavar="N",
+                   help="tokens per request, prompt plus completion (default 2048, at most the model's context)")
+    g.add_argument("--persona", choices=sorted(PERSONAS),
+                   help="system prompt for chats that bring none: grok = witty, with a rebellious streak")
+
+
+def engine_from_args(args: argparse.Namespace) -> Engine:
+    cfg = config_from_args(args)
+    tokenizer = tokenizer_from_args(args)
+    model = model_from_args(args, cfg)
+    if args.max_batch < 1 or args.max_seq_len < 2:
+        raise ValueError(f"--max-batch must be >= 1 and --max-seq-len >= 2 (got {args.max_batch}, {args.max_seq_len})")
+    config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                          max_queue=getattr(args, "max_queue", EngineConfig.max_queue))
+    return Engine(model, tokenizer, config)
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible API and a chat page",
+                       description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics "
+                                   "and a browser chat page at /, with continuous batching.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="the model id clients ask for (default: the checkpoint directory's name)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="waiting requests beyond which new ones get HTTP 429 (default 256)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                   help="on Ctrl-C/SIGTERM, let running streams finish for S seconds, then cancel them (default 10)")
+    add_engine_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from grok1.server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    engine = engine_from_args(args)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app = create_app(engine, engine.tokenizer, name, api_key=args.api_key,
+                     system_prompt=PERSONAS[args.persona] if args.persona else None)
+    print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "
+          f"chat page at http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
+                log_level="info")
+    return 0

@@ -83,7 +83,7 @@ class Engine:
             s = self.scheduler
             return {"waiting": len(s.waiting), "running": len(s.running), "free_slots": s.slots.num_free,
                     "max_batch": s.slots.n_slots, "steps": self.steps, "prompt_tokens": self.prompt_tokens,
-                    "generated_tokens": self.generated_tokens}
+                    "generated_tokens": self.generated_tokens, "finished": dict(s.finished)}
 
     # ---- the step (one thread) ----
 

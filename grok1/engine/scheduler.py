@@ -14,7 +14,7 @@ Finish reasons: "eos", "stop" (a stop string; the text is cut before it), "lengt
 from __future__ import annotations
 
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -93,6 +93,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every live request by id
+        self.finished: Counter[str] = Counter()  # finish reason -> requests
 
     def add(self, req: Request) -> None:
         """Queue a request. Raises ValueError for a prompt that does not fit, QueueFull when too many wait."""
@@ -174,6 +175,7 @@ class Scheduler:
                 logprobs: list[TokenLogprob] | None = None) -> Emit:
         req.finish_reason = reason
         req.text += text
+        self.finished[reason] += 1
         if req.slot is not None:
             self.slots.release(req.slot)
             self.running.remove(req)

@@ -87,6 +87,9 @@ class Metrics:
                 ("grok1_max_batch", stats["max_batch"], "gauge", "KV-cache rows in total."),
             ]:
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+            lines += ["# HELP grok1_finished_requests_total Engine requests by finish reason.",
+                      "# TYPE grok1_finished_requests_total counter"]
+            lines += [f'grok1_finished_requests_total{{reason="{r}"}} {n}' for r, n in sorted(stats["finished"].items())]
             for name, h in self.hist.items():
                 lines += [f"# TYPE {name} histogram", *h.lines(name)]
         return "\n".join(lines) + "\n"

@@ -1,18 +1,24 @@
-"""Tests for grok1.weights.legacy: the allow-listed reader of the release's pickled checkpoint.
+"""Tests for grok1.weights.legacy: the allow-listed reader of the release's pickled checkpoint and
+the writer of the same format.
 
-Release-format files are written here by a small opcode assembler (`_array`, `_qw8`), which does
-not share code with the reader; the golden checkpoint is checked against the raw payload bytes
-found by `pickletools.genops`, an oracle independent of the unpickler.
+Oracles independent of the code under test: the golden checkpoint (written by the real release
+stack) is checked against the raw payload bytes found by `pickletools.genops`, and the writer must
+reproduce every golden file byte for byte, match CPython's own pickler on numpy arrays, and give
+the file sizes measured on the real release. Hostile and malformed files are built by a small
+opcode assembler (`_array`, `_qw8`) that shares no code with the reader or the writer.
 """
 
 import dataclasses
 import inspect
+import io
 import json
 import os
 import pickle
 import pickletools
 import struct
 import subprocess
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import numpy as np
 import pytest
 
 from grok1.config import PRESETS, ModelConfig
+from grok1.weights import legacy
 from grok1.weights.legacy import (
     CheckpointError,
     QuantizedWeight8bit,
@@ -27,6 +34,8 @@ from grok1.weights.legacy import (
     read_checkpoint,
     read_tensor,
     reference_paths,
+    write_checkpoint,
+    write_tensor,
 )
 
 # 2 layers, small vocab: 26 files of a few tens of KB.
@@ -34,7 +43,7 @@ SMALL = dataclasses.replace(PRESETS["tiny"], vocab_size=64, n_layers=2)
 GROUPS_8 = ("multi_head_attention/linear/w", "moe/linear_1/w")  # input axis sharded 8 ways in the release
 
 
-# --- A release-format pickle assembler (protocol 4 opcodes, no memo, no frames). -------------------
+# --- A pickle assembler for hostile and malformed files (protocol 4 opcodes, no memo, no frames). ---
 
 
 def _s(text: str) -> bytes:
@@ -79,32 +88,23 @@ def _pickle(body: bytes) -> bytes:
     return b"\x80\x04" + body + b"."
 
 
-def _write_tensor(file: Path, obj: np.ndarray | tuple[np.ndarray, np.ndarray]) -> None:
-    if isinstance(obj, tuple):  # (int8 weight, uint16 bf16 bits)
-        file.write_bytes(_pickle(_qw8(_array(obj[0]), _array(obj[1], bf16=True))))
-    else:
-        file.write_bytes(_pickle(_array(obj)))
-
-
-def _random_tensor(path: str, config: ModelConfig, rng: np.random.Generator) -> np.ndarray | tuple:
+def _random_tensor(path: str, config: ModelConfig, rng: np.random.Generator) -> np.ndarray | QuantizedWeight8bit:
     shape, kind = expected_shape(path, config)
     if kind == "ndarray":
         return rng.standard_normal(shape, dtype=np.float32)
     groups = 8 if path.endswith(GROUPS_8) else 1
     weight = rng.integers(-127, 128, shape, dtype=np.int8)
     scales = rng.integers(0, 1 << 16, (*shape[:-2], groups, shape[-1]), dtype=np.uint16)
-    return weight, scales
+    return QuantizedWeight8bit(weight, scales)
 
 
 @pytest.fixture
 def small_ckpt(tmp_path: Path) -> tuple[Path, dict]:
     """A SMALL checkpoint in release format at tmp_path/ckpt/ckpt-0; returns (dir, {path: tensor})."""
-    root = tmp_path / "ckpt" / "ckpt-0"
-    root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     tensors = {p: _random_tensor(p, SMALL, rng) for p in reference_paths(SMALL)}
-    for i, obj in enumerate(tensors.values()):
-        _write_tensor(root / f"tensor{i:05d}_000", obj)
+    root = write_checkpoint(tmp_path / "ckpt", tensors.items(), SMALL)
+    assert root == tmp_path / "ckpt" / "ckpt-0"
     return root, tensors
 
 
@@ -201,10 +201,10 @@ def test_small_checkpoint_round_trip(small_ckpt: tuple[Path, dict]) -> None:
         assert list(got) == list(tensors)
         for path, want in tensors.items():
             obj = got[path]
-            if isinstance(want, tuple):
+            if isinstance(want, QuantizedWeight8bit):
                 assert isinstance(obj, QuantizedWeight8bit), path
-                assert obj.weight.dtype == np.int8 and np.array_equal(obj.weight, want[0]), path
-                assert obj.scales.dtype == np.dtype("<u2") and np.array_equal(obj.scales, want[1]), path
+                assert obj.weight.dtype == np.int8 and np.array_equal(obj.weight, want.weight), path
+                assert obj.scales.dtype == np.dtype("<u2") and np.array_equal(obj.scales, want.scales), path
             else:
                 assert obj.dtype == np.float32 and np.array_equal(obj, want), path
 
@@ -224,7 +224,8 @@ def test_reads_numpy_pickles(tmp_path: Path, protocol: int, dtype: type) -> None
 
 def test_release_spelling_does_not_warn(tmp_path: Path) -> None:
     file = tmp_path / "t"
-    file.write_bytes(_pickle(_array(np.ones(4, np.float32))))
+    write_tensor(file, np.ones(4, np.float32))
+    assert b"numpy.core.multiarray" in file.read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(read_tensor(file), np.ones(4, np.float32))
@@ -338,16 +339,17 @@ def test_corrupt_file(small_ckpt: tuple[Path, dict], damage: str) -> None:
     assert str(file) in str(e.value) and "truncated or corrupt" in str(e.value)
 
 
-def _replace(root: Path, tensors: dict, index: int, obj: np.ndarray | tuple) -> tuple[str, Path]:
+def _replace(root: Path, tensors: dict, index: int, obj: np.ndarray | QuantizedWeight8bit) -> tuple[str, Path]:
     path, file = list(tensors)[index], root / f"tensor{index:05d}_000"
-    _write_tensor(file, obj)
+    write_tensor(file, obj)
     return path, file
 
 
 def test_wrong_weight_shape(small_ckpt: tuple[Path, dict]) -> None:
     root, tensors = small_ckpt
     i = reference_paths(SMALL).index("transformer/decoder_layer_0/multi_head_attention/query/w")
-    path, file = _replace(root, tensors, i, (np.zeros((32, 128), np.int8), np.zeros((1, 128), np.uint16)))
+    path, file = _replace(root, tensors, i, QuantizedWeight8bit(np.zeros((32, 128), np.int8),
+                                                                np.zeros((1, 128), np.uint16)))
     with pytest.raises(CheckpointError) as e:
         list(read_checkpoint(root, SMALL))
     assert path in str(e.value) and str(file) in str(e.value)
@@ -357,7 +359,8 @@ def test_wrong_weight_shape(small_ckpt: tuple[Path, dict]) -> None:
 def test_scale_groups_must_divide_input(small_ckpt: tuple[Path, dict]) -> None:
     root, tensors = small_ckpt
     i = reference_paths(SMALL).index("transformer/decoder_layer_1/moe/linear_1/w")
-    path, file = _replace(root, tensors, i, (np.zeros((8, 176, 32), np.int8), np.zeros((8, 7, 32), np.uint16)))
+    path, file = _replace(root, tensors, i, QuantizedWeight8bit(np.zeros((8, 176, 32), np.int8),
+                                                                np.zeros((8, 7, 32), np.uint16)))
     with pytest.raises(CheckpointError, match="scales shape \\[8, 7, 32\\] does not fit") as e:
         list(read_checkpoint(root, SMALL))
     assert path in str(e.value) and str(file) in str(e.value)
@@ -370,7 +373,7 @@ def test_wrong_dtype_and_kind(small_ckpt: tuple[Path, dict]) -> None:
     with pytest.raises(CheckpointError, match="expected dtype float32, found float64") as e:
         list(read_checkpoint(root, SMALL))
     assert path in str(e.value) and str(file) in str(e.value)
-    _replace(root, tensors, norm, (np.ones((32, 1), np.int8), np.ones((1, 1), np.uint16)))
+    _replace(root, tensors, norm, QuantizedWeight8bit(np.ones((32, 1), np.int8), np.ones((1, 1), np.uint16)))
     with pytest.raises(CheckpointError, match="expected a float32 array, found QuantizedWeight8bit"):
         list(read_checkpoint(root, SMALL))
     _replace(root, tensors, norm, tensors[path])
@@ -396,3 +399,188 @@ def test_wrong_tensor_count(small_ckpt: tuple[Path, dict]) -> None:
 def test_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         read_checkpoint(tmp_path / "absent", SMALL)
+
+
+# --- The writer. -------------------------------------------------------------------------------------
+
+
+def test_golden_rewrite_is_byte_identical(shared_dir: Path, tmp_path: Path) -> None:
+    """read_tensor -> write_tensor reproduces every file the release stack wrote, byte for byte."""
+    root = shared_dir / "golden" / "tiny-ckpt" / "ckpt-0"
+    files = sorted(root.glob("tensor*_000"))
+    assert len(files) == 146
+    for file in files:
+        out = tmp_path / file.name
+        write_tensor(out, read_tensor(file))
+        assert out.read_bytes() == file.read_bytes(), file.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f.name for f in files]  # no temp files left
+
+
+def _layout(obj: np.ndarray | QuantizedWeight8bit) -> tuple[int, list[tuple[int, int]]]:
+    """(file size, [(offset, length) of each payload written unframed]) by the writer's own code path,
+    counting bytes instead of storing them: zero arrays from np.zeros are never touched."""
+    size, big = 0, []
+
+    def count(data: bytes | memoryview) -> None:
+        nonlocal size
+        if isinstance(data, memoryview):
+            big.append((size, data.nbytes))
+        size += len(data)
+
+    legacy._dump(obj, count)
+    return size, big
+
+
+def test_release_file_sizes() -> None:
+    """Zero tensors of the release's shapes give the file sizes measured on the real release (GROK1.md 5)."""
+    size, big = _layout(np.zeros((131072, 6144), np.float32))
+    assert size == 3_221_225_637 and big == [(151, 131072 * 6144 * 4)]
+    for shape, scales, want in (((8, 6144, 32768), (8, 1, 32768), 1_611_137_347),  # moe/linear, linear_v
+                                ((8, 32768, 6144), (8, 8, 6144), 1_611_399_491)):  # moe/linear_1
+        size, big = _layout(QuantizedWeight8bit(np.zeros(shape, np.int8), np.zeros(scales, np.uint16)))
+        assert size == want and [n for _, n in big] == [np.prod(shape), 2 * np.prod(scales)], shape
+
+
+def _numpy_pickle(a: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """CPython's own pickler on `a`, with numpy 2's `numpy._core` renamed to the release's `numpy.core`."""
+    def _reconstruct(*args: object) -> None:
+        raise AssertionError("only pickled, never called")
+
+    _reconstruct.__module__, _reconstruct.__qualname__ = "numpy.core.multiarray", "_reconstruct"
+    module = types.ModuleType("numpy.core.multiarray")
+    module._reconstruct = _reconstruct  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "numpy.core.multiarray", module)
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj: object) -> object:
+            if type(obj) is np.ndarray:
+                _, args, state = obj.__reduce__()
+                return _reconstruct, args, state
+            return NotImplemented
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=4).dump(a)
+    return buf.getvalue()
+
+
+WRITE_CASES = {
+    "float32": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "bool": np.array([True, False, True]),
+    "big-endian f8": np.arange(3, dtype=">f8"),
+    "float16 0-d": np.array(1.5, np.float16),
+    "uint16 4-d": np.arange(120, dtype=np.uint16).reshape(2, 3, 4, 5),
+    "int64 empty": np.zeros((0, 4), np.int64),
+    "int8 b'b' payload": np.array([98], np.int8),  # a 1-byte payload is CPython's shared b"b": a memo get
+    "fortran order": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+    "strided": np.arange(40, dtype=np.int32)[::3],
+    "transposed 3-d": np.arange(24, dtype=np.float32).reshape(2, 3, 4).transpose(0, 2, 1),
+    # Around CPython's 64 KiB frame target: in the frame, frame closed after the payload, unframed.
+    "65400 B": np.ones(65400, np.uint8),
+    "65535 B": np.ones(65535, np.uint8),
+    "65536 B": np.ones(65536, np.uint8),
+    "large 2-d": np.arange(300_000, dtype=np.float32).reshape(600, 500),
+    "large dims": np.zeros((70_000, 1), np.int8),  # a BININT shape entry
+}
+
+
+@pytest.mark.parametrize("name", WRITE_CASES)
+def test_writer_matches_cpython_pickler(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = WRITE_CASES[name]
+    ours = io.BytesIO()
+    legacy._dump(a, ours.write)
+    assert ours.getvalue() == _numpy_pickle(a, monkeypatch)
+
+
+@pytest.mark.parametrize("name", WRITE_CASES)
+def test_write_read_round_trip(name: str, tmp_path: Path) -> None:
+    a = WRITE_CASES[name]
+    write_tensor(tmp_path / "t", a)
+    got = read_tensor(tmp_path / "t")
+    # numpy itself unpickles a big-endian array as native-endian with the same values.
+    assert got.dtype == a.dtype.newbyteorder("=") and got.shape == a.shape and np.array_equal(got, a)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 300, 200)])  # payloads in the frame, and unframed
+def test_write_read_round_trip_qw8(shape: tuple[int, ...], tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    weight = rng.integers(-127, 128, shape, dtype=np.int8)
+    scales = rng.integers(0, 1 << 16, (*shape[:-2], 2, shape[-1]), dtype=np.uint16)
+    write_tensor(tmp_path / "t", QuantizedWeight8bit(weight, scales))
+    got = read_tensor(tmp_path / "t")
+    assert isinstance(got, QuantizedWeight8bit)
+    assert np.array_equal(got.weight, weight) and np.array_equal(got.scales, scales)
+    assert _globals(tmp_path / "t") == ["__main__.QuantizedWeight8bit", "numpy.core.multiarray._reconstruct",
+                                        "numpy.ndarray", "numpy.dtype", "ml_dtypes.bfloat16"]
+
+
+def _globals(file: Path) -> list[str]:
+    """module.name of each STACK_GLOBAL, in order, read by pickletools (tracking memoised strings)."""
+    stack: list[object] = []
+    memo: list[object] = []
+    found = []
+    with open(file, "rb") as f:
+        for op, arg, _ in pickletools.genops(f):
+            if op.name == "SHORT_BINUNICODE":
+                stack.append(arg)
+            elif op.name == "MEMOIZE":
+                memo.append(stack[-1] if stack else None)
+            elif op.name == "BINGET":
+                stack.append(memo[arg])
+            elif op.name == "STACK_GLOBAL":
+                found.append(f"{stack[-2]}.{stack[-1]}")
+                stack.append(None)
+            else:
+                stack.append(None)
+    return found
+
+
+@pytest.mark.parametrize("obj", [np.zeros(2, np.complex64), np.array(["a"]), np.zeros(2, object), [1.0]],
+                         ids=["complex", "str", "object", "list"])
+def test_write_tensor_refuses(obj: object, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="cannot write"):
+        write_tensor(tmp_path / "t", obj)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_tensor_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "tensor00000_000"
+    write_tensor(file, np.ones(3, np.float32))
+    before = file.read_bytes()
+
+    def fail(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(CheckpointError, match=f"{file}: cannot write"):
+        write_tensor(file, np.zeros(1000, np.float32))
+    assert file.read_bytes() == before and list(tmp_path.iterdir()) == [file]
+
+
+def test_write_checkpoint_any_order_and_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    tensors = {p: _random_tensor(p, SMALL, rng) for p in reference_paths(SMALL)}
+    root = write_checkpoint(tmp_path, reversed(tensors.items()), SMALL)  # a generator, in any order
+    got = dict(read_checkpoint(tmp_path, SMALL))
+    assert list(got) == list(tensors)
+    first = next(iter(tensors))
+    assert np.array_equal(got[first], tensors[first])
+    assert (root / "tensor00000_000").read_bytes() == _bytes(tensors[first])
+
+    items = list(tensors.items())
+    with pytest.raises(CheckpointError, match="25 of 26 tensors were not given, first language_model/rms_norm/scale"):
+        write_checkpoint(tmp_path, items[:1], SMALL)
+    with pytest.raises(CheckpointError, match="given twice"):
+        write_checkpoint(tmp_path, items[:1] * 2, SMALL)
+    with pytest.raises(CheckpointError, match="unknown parameter path 'transformer/decoder_layer_2/router/w'"):
+        write_checkpoint(tmp_path, [("transformer/decoder_layer_2/router/w", np.zeros((32, 8), np.float32))], SMALL)
+    with pytest.raises(CheckpointError, match=r"language_model/rms_norm/scale .*expected shape \[32\], found \[3\]"):
+        write_checkpoint(tmp_path, [("language_model/rms_norm/scale", np.zeros(3, np.float32))], SMALL)
+    one = dataclasses.replace(SMALL, n_layers=1)  # 14 files: the existing tensor00014_000.. do not belong
+    with pytest.raises(CheckpointError, match="holds tensor00014_000 \\(and 11 more\\) beyond the 14 files"):
+        write_checkpoint(tmp_path, [], one)
+
+
+def _bytes(obj: np.ndarray | QuantizedWeight8bit) -> bytes:
+    buf = io.BytesIO()
+    legacy._dump(obj, buf.write)
+    return buf.getvalue()

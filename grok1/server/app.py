@@ -251,6 +251,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                 "usage": job_usage(job, body.n)}
 
     app.include_router(api)
+    app.openapi = partial(openapi_with_model, app, model_name)  # type: ignore[method-assign]
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -268,6 +269,18 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         return HTMLResponse((STATIC / "index.html").read_text())
 
     return app
+
+
+def openapi_with_model(app: FastAPI, model_name: str) -> dict:
+    """The generated schema, stating which model id this server accepts (clients and fuzzers read it)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            schema["components"]["schemas"][name]["properties"]["model"] |= {"enum": [model_name]}
+        for param in schema["paths"]["/v1/models/{model}"]["get"]["parameters"]:
+            param["schema"] |= {"enum": [model_name]}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def encode_prompts(tokenizer: Tokenizer, prompt: str | list) -> list[list[int]]:

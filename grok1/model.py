@@ -118,15 +118,38 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_id, pos, k, v, kv_len, rows)  # [B, K, S, Hd]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        n_kv = k.shape[1]
-        # Contiguous query-head groups share a KV head: fold G into the query axis, no K/V copy.
-        q = q.transpose(1, 2).reshape(B, n_kv, self.group * T, self.head_dim)  # [B, K, G*T, Hd]
-        scores = (q @ k.transpose(-1, -2)).float() * self.scale  # [B, K, G*T, S]
-        scores = self.softcap * torch.tanh(scores / self.softcap)
-        scores = scores.view(B, n_kv, self.group, T, -1).masked_fill(~mask, -1e30)  # [B, K, G, T, S]
-        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, n_kv, self.group * T, -1)
-        out = (probs @ v).view(B, -1, T, self.head_dim)  # [B, H, T, Hd]
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        if T <= ATTN_CHUNK:
+            out = attend(q, k, v, mask, self.scale, self.softcap)
+        else:  # long prefill: blocks of queries, each against the keys it can see; never a T x T matrix
+            outs = []
+            for t0 in range(0, T, ATTN_CHUNK):
+                t1 = min(T, t0 + ATTN_CHUNK)
+                s_end = int(pos[:, t1 - 1].max()) + 1  # causal: later keys are masked for this block anyway
+                outs.append(attend(q[:, t0:t1], k[:, :, :s_end], v[:, :, :s_end], mask[..., t0:t1, :s_end],
+                                   self.scale, self.softcap))
+            out = torch.cat(outs, dim=1)
+        return self.wo(out)
+
+
+ATTN_CHUNK = 512  # queries per attention block in long prefills
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float) -> Tensor:
+    """q [B, T, H, Hd], k/v [B, K, S, Hd], mask [B, 1, 1, T, S] -> [B, T, H * Hd].
+
+    Scores are scaled, soft-capped (cap * tanh(s / cap)), then masked by replacement with -1e30,
+    and softmaxed in float32, as in the reference."""
+    B, T, H, Hd = q.shape
+    n_kv = k.shape[1]
+    G = H // n_kv
+    # Contiguous query-head groups share a KV head: fold G into the query axis, no K/V copy.
+    q = q.transpose(1, 2).reshape(B, n_kv, G * T, Hd)  # [B, K, G*T, Hd]
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, K, G*T, S]
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.view(B, n_kv, G, T, -1).masked_fill(~mask, -1e30)  # [B, K, G, T, S]
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, n_kv, G * T, -1)
+    out = (probs @ v).view(B, H, T, Hd)
+    return out.transpose(1, 2).reshape(B, T, H * Hd)
 
 
 # An expert-weight getter maps expert ids (a tensor of any shape, or an int) to the dense

@@ -169,3 +169,21 @@ def test_cache_rows_select_slots(small_model):
                            cache_rows=torch.tensor([2, 0]))
     torch.testing.assert_close(torch.cat([pa[0], step[0]]), ref_a[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat([pb[0], step[1]]), ref_b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_long_prefill_in_query_blocks_equals_one_block(small_model, monkeypatch):
+    import grok1.model as model_module
+
+    cfg = small_model.config
+    tokens = torch.randint(1, cfg.vocab_size, (2, 70))
+    tokens[1, 50:] = 0  # right padding: masked keys
+    with torch.no_grad():
+        whole = small_model(tokens)
+        cache = small_model.new_cache(2, 100)
+        cached_whole = small_model(tokens[:, :40], torch.tensor([0, 0]), cache)
+        monkeypatch.setattr(model_module, "ATTN_CHUNK", 16)  # 70 tokens -> blocks of 16
+        blocked = small_model(tokens)
+        cache = small_model.new_cache(2, 100)
+        cached_blocked = small_model(tokens[:, :40], torch.tensor([0, 0]), cache)
+    torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached_blocked, cached_whole, atol=1e-5, rtol=1e-5)

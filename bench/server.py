@@ -1,0 +1,238 @@
+"""How does `grok1 serve` hold up under concurrent streaming clients?
+
+Starts `grok1 serve` as a subprocess on a free loopback port, then for each concurrency level runs
+that many streaming clients (each sending `--requests` completions one after another, greedy,
+`--max-tokens` tokens, EOS ignored) and prints one JSON line per level: aggregate throughput
+(completion tokens / wall seconds), time to first token and time per output token (p50, p99 over
+requests), errors, and `other_cpu_pct` (CPU used by processes other than the server and this
+script: the machine is shared). `--soak S` then runs the highest level for S seconds and reports
+errors and the server's RSS at start and end.
+
+    python -m bench.server                                  # golden tiny model from ../shared
+    python -m bench.server --concurrency 1,16 --requests 2 --soak 0
+    python -m bench.server --checkpoint DIR --config JSON --tokenizer MODEL --table
+
+Never imported by grok1/ or tests/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden"
+PROMPT = "The answer to life, the universe and everything is a question that"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def process_jiffies(pid: int) -> int:
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(parts[11]) + int(parts[12])  # utime + stime (fields 14, 15)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class CpuMeter:
+    """Share of the machine's CPU used by everything except the server and this process."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pids = [server_pid, os.getpid()]
+        self.start = self.sample()
+
+    def sample(self) -> tuple[int, int, int]:
+        busy, total = cpu_jiffies()
+        return busy, total, sum(process_jiffies(p) for p in self.pids)
+
+    def other_pct(self) -> float:
+        busy, total, ours = (b - a for a, b in zip(self.start, self.sample()))
+        return round(100 * max(0, busy - ours) / max(1, total), 1)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> dict:
+    """Stream one completion; returns timings, or {"error": ...}."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens, done = 0, False
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"error": chunk["error"]["message"]}
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    last = time.perf_counter()
+                    first = first or last
+    except httpx.HTTPError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    if not done or first is None or last is None:
+        return {"error": "stream ended without [DONE] or without text"}
+    return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens}
+
+
+async def run_level(url: str, model: str, clients: int, requests: int | None, seconds: float | None,
+                    max_tokens: int) -> tuple[list[dict], float]:
+    """`clients` concurrent loops, each doing `requests` requests (or until `seconds` pass)."""
+    results: list[dict] = []
+    deadline = time.perf_counter() + seconds if seconds else None
+
+    async def loop(client: httpx.AsyncClient) -> None:
+        n = 0
+        while (requests is None or n < requests) and (deadline is None or time.perf_counter() < deadline):
+            results.append(await one_request(client, url, model, max_tokens))
+            n += 1
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop(client) for _ in range(clients)))
+        return results, time.perf_counter() - t0
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
+    return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 2),
+            "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "ttft_p50_ms": ms(percentile([r["ttft"] for r in ok], 50)),
+            "ttft_p99_ms": ms(percentile([r["ttft"] for r in ok], 99)),
+            "tpot_p50_ms": ms(percentile([r["tpot"] for r in ok], 50)),
+            "tpot_p99_ms": ms(percentile([r["tpot"] for r in ok], 99))}
+
+
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "grok1", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--model-name", "bench"]
+    for flag in ("config", "tokenizer", "preset", "dtype"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", getattr(args, flag)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"grok1 serve exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("grok1 serve did not become healthy within 300 s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=str(GOLDEN / "tiny-ckpt"), help="default: ../shared/golden/tiny-ckpt")
+    ap.add_argument("--config", default=str(GOLDEN / "tiny-config.json"), help="model config JSON")
+    ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "grok-1" / "tokenizer.model"))
+    ap.add_argument("--preset", help="named config instead of --config")
+    ap.add_argument("--dtype", help="compute dtype passed to grok1 serve")
+    ap.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts (default 1,2,4,8,16)")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per completion (default 64)")
+    ap.add_argument("--max-batch", type=int, default=16, help="server --max-batch (default 16)")
+    ap.add_argument("--max-seq-len", type=int, default=256, help="server --max-seq-len (default 256)")
+    ap.add_argument("--soak", type=float, default=60, help="seconds of soak at the highest level (0 = none)")
+    ap.add_argument("--table", action="store_true", help="also print a markdown table on stderr")
+    args = ap.parse_args()
+    if args.preset:
+        args.config = None
+    levels = [int(c) for c in args.concurrency.split(",")]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(args, port)
+    base = {"bench": "server", "commit": commit(), "model": Path(args.checkpoint).name, "max_tokens": args.max_tokens,
+            "max_batch": args.max_batch, "cpus": os.cpu_count()}
+    rows = []
+    try:
+        asyncio.run(run_level(url, "bench", 1, 2, None, args.max_tokens))  # warm up
+        for c in levels:
+            meter = CpuMeter(server.pid)
+            results, wall = asyncio.run(run_level(url, "bench", c, args.requests, None, args.max_tokens))
+            row = base | {"clients": c} | summarize(results, wall) | {"other_cpu_pct": meter.other_pct(),
+                                                                     "loadavg_1m": os.getloadavg()[0]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if args.soak > 0:
+            c = max(levels)
+            rss_start = rss_mb(server.pid)
+            meter = CpuMeter(server.pid)
+            results, wall = asyncio.run(run_level(url, "bench", c, None, args.soak, args.max_tokens))
+            health = httpx.get(url + "/health", timeout=10).json()
+            soak = base | {"soak_s": args.soak, "clients": c} | summarize(results, wall) | {
+                "rss_start_mb": rss_start, "rss_end_mb": rss_mb(server.pid), "health": health["status"],
+                "running_after": health["running"], "other_cpu_pct": meter.other_pct(),
+                "loadavg_1m": os.getloadavg()[0]}
+            print(json.dumps(soak), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    if args.table and rows:
+        one = rows[0]["tokens_per_s"] or float("nan")
+        print("| clients | tokens/s | x 1 client | TTFT p50 / p99 ms | TPOT p50 / p99 ms | errors | other CPU % |\n"
+              "|---|---|---|---|---|---|---|", file=sys.stderr)
+        for r in rows:
+            print(f"| {r['clients']} | {r['tokens_per_s']} | {r['tokens_per_s'] / one:.1f} | {r['ttft_p50_ms']} / "
+                  f"{r['ttft_p99_ms']} | {r['tpot_p50_ms']} / {r['tpot_p99_ms']} | {r['errors']} | "
+                  f"{r['other_cpu_pct']} |", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
     python scripts/make_release_checkpoint.py OUT_DIR --preset bench-m [--seed 0]
 
 Writes OUT_DIR/ckpt-0/tensor{i:05d}_000 exactly as the release lays them out (GROK1.md section 5,
-`grok1.weights.legacy.write_checkpoint`), then OUT_DIR/config.json (`ModelConfig.to_dict()`). The
+`grok1.weights.legacy_write.write_checkpoint`), then OUT_DIR/config.json (`ModelConfig.to_dict()`). The
 config is written last, so its presence marks a complete checkpoint.
 
 Weights are random but reproducible: each tensor is drawn from its own numpy generator seeded by
@@ -33,7 +33,8 @@ import torch
 
 from grok1.config import PRESETS, ModelConfig, from_name
 from grok1.quant import quantize
-from grok1.weights.legacy import QuantizedWeight8bit, expected_shape, reference_paths, write_checkpoint
+from grok1.weights.legacy import QuantizedWeight8bit, expected_shape, reference_paths
+from grok1.weights.legacy_write import write_checkpoint
 
 GROUPS_8 = ("multi_head_attention/linear/w", "moe/linear_1/w")  # input axis was sharded 8 ways in the release
 

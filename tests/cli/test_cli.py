@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from grok1.cli.main import main
-from grok1.weights import legacy
+from grok1.weights import legacy, legacy_write
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_check_passes_on_golden_and_finds_a_broken_layer(golden_dir, model_args,
     file = ckpt / "ckpt-0" / f"tensor{index:05d}_000"
     scale = legacy.read_tensor(file)
     file.chmod(0o644)
-    legacy.write_tensor(file, (scale * 1.01).astype(np.float32))
+    legacy_write.write_tensor(file, (scale * 1.01).astype(np.float32))
     args = list(model_args)
     args[1] = str(ckpt)
     assert main(["check", *args, "--golden", npz]) == 1

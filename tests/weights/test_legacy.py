@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from grok1.config import PRESETS, ModelConfig
-from grok1.weights import legacy
+from grok1.weights import legacy, legacy_write
 from grok1.weights.legacy import (
     CheckpointError,
     QuantizedWeight8bit,
@@ -34,9 +34,8 @@ from grok1.weights.legacy import (
     read_checkpoint,
     read_tensor,
     reference_paths,
-    write_checkpoint,
-    write_tensor,
 )
+from grok1.weights.legacy_write import write_checkpoint, write_tensor
 
 # 2 layers, small vocab: 26 files of a few tens of KB.
 SMALL = dataclasses.replace(PRESETS["tiny"], vocab_size=64, n_layers=2)
@@ -427,7 +426,7 @@ def _layout(obj: np.ndarray | QuantizedWeight8bit) -> tuple[int, list[tuple[int,
             big.append((size, data.nbytes))
         size += len(data)
 
-    legacy._dump(obj, count)
+    legacy_write._dump(obj, count)
     return size, big
 
 
@@ -487,7 +486,7 @@ WRITE_CASES = {
 def test_writer_matches_cpython_pickler(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     a = WRITE_CASES[name]
     ours = io.BytesIO()
-    legacy._dump(a, ours.write)
+    legacy_write._dump(a, ours.write)
     assert ours.getvalue() == _numpy_pickle(a, monkeypatch)
 
 
@@ -582,5 +581,5 @@ def test_write_checkpoint_any_order_and_errors(tmp_path: Path) -> None:
 
 def _bytes(obj: np.ndarray | QuantizedWeight8bit) -> bytes:
     buf = io.BytesIO()
-    legacy._dump(obj, buf.write)
+    legacy_write._dump(obj, buf.write)
     return buf.getvalue()

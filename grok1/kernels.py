@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (grok1/csrc/*.cpp), built with torch's C++ extension loader at first use.
+"""Compiled CPU kernels (grok1/csrc/linear.cpp), built with torch's C++ extension loader at first use.
 
 The build is cached (under ~/.cache/torch_extensions, keyed by source, flags and this CPU's
 instruction set), so only the first run on a machine pays the ~30-60 s compile. Where no
@@ -20,9 +20,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).parent / "csrc" / "int8_linear.cpp"
+_SOURCE = Path(__file__).parent / "csrc" / "linear.cpp"
 
-# Rows of activations from which the int8 matmul dequantises weight tiles and uses BLAS (compute-bound
+# Rows of activations from which the matmul dequantises weight tiles and uses BLAS (compute-bound
 # prefill) instead of streaming the weights through the register kernel (memory-bound decode).
 GEMM_MIN_ROWS = 16
 
@@ -36,33 +36,35 @@ def _cpu_tag() -> str:
 
 
 @functools.cache
-def int8_ops() -> ModuleType | None:
-    """The compiled int8 module, or None (with one warning) where it cannot be built."""
+def cpu_ops() -> ModuleType | None:
+    """The compiled kernel module, or None (with one warning) where it cannot be built."""
     if os.environ.get("GROK1_KERNELS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        name = f"grok1_int8_{_cpu_tag()}"
+        name = f"grok1_linear_{_cpu_tag()}"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
-            print("grok1: compiling the int8 CPU kernel (first use on this machine, about a minute)...",
+            print("grok1: compiling the CPU matmul kernel (first use on this machine, about a minute)...",
                   file=sys.stderr)
         return load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: run slower, but run
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"grok1: int8 CPU kernel unavailable ({reason}); using the slower pure-torch path",
+        warnings.warn(f"grok1: compiled CPU kernel unavailable ({reason}); using the slower pure-torch path",
                       stacklevel=2)
         return None
 
 
-def int8_linear(x: Tensor, q: Tensor, scales: Tensor) -> Tensor | None:
-    """x [.., K] float32 @ dequant(q [N, K] int8, scales [G, N] bf16).T on CPU, or None when the
-    compiled kernel does not apply (other device or dtype, or not built): the caller falls back."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or q.device.type != "cpu":
+def applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether `linear` runs the compiled kernel for these operands (CPU, float32 activations, built)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and weight.device.type == "cpu" and cpu_ops() is not None
+
+
+def linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
+    """x [.., K] float32 @ W.T for a stored-format W (int8, packed int4, bf16, fp32; see quant.py) on CPU,
+    or None when the compiled kernel does not apply (other device or dtype, or not built)."""
+    if not applies(x, weight):
         return None
-    ops = int8_ops()
-    if ops is None:
-        return None
-    y = ops.int8_linear(x.reshape(-1, x.shape[-1]), q, scales, GEMM_MIN_ROWS)
-    return y.view(*x.shape[:-1], q.shape[0])
+    y = cpu_ops().linear(x.reshape(-1, x.shape[-1]), weight, scales, GEMM_MIN_ROWS)
+    return y.view(*x.shape[:-1], weight.shape[0])

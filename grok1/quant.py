@@ -1,15 +1,22 @@
-"""int8 weights as released: int8 values with bf16 scales in groups along the input axis.
+"""Weight formats: the release's int8, 4-bit, bf16 and fp32 matrices, computed in the activation dtype.
 
-A weight W [.., out, in] is stored as q int8 [.., out, in] and scales s [.., Gs, out]: input
-column k of output n uses scale s[.., k // (in / Gs), n]. The release uses Gs = 1 for most
-matrices and Gs = 8 for the attention output projection and the expert down projection.
+A weight W [.., out, in] is stored in one of these formats (`weight`, `scales` buffers):
+  int8  the release: q int8 [.., out, in], scales bf16 [.., Gs, out]; input k of output n uses
+        scale [.., k // (in / Gs), n]. The release has Gs = 1 for most matrices and Gs = 8 for the
+        attention output and expert down projections.
+  int4  q packed two per byte, uint8 [.., out, in / 2], scales bf16 [.., out, in / 32]: blocks of
+        32 inputs, byte j of a block holds input j (low nibble) and input j + 16 (high nibble),
+        values stored + 8 (symmetric, -8..7). Not a release format: an option for speed and memory.
+  bf16, fp32  the plain matrix, no scales.
 
-Dequantisation is the reference's, bit for bit: the product int8 * scale is exact in float32
-(8-bit x 8-bit mantissas), so the float32 weight is that exact product, and the bfloat16
-weight is its rounding, which equals the reference's bf16(int8 * bf16 scale).
+int8 dequantisation is the reference's, bit for bit: the product int8 * scale is exact in float32
+(8-bit x 8-bit mantissas), so the float32 weight is that exact product, and the bfloat16 weight
+is its rounding, which equals the reference's bf16(int8 * bf16 scale).
 
-`swap_to_int8(model)` replaces the attention projections and the experts of a finished
-(typically meta-device) model; the model file itself knows nothing of this.
+`QLinear`, `QExperts` and `QEmbedding` hold one format each and run the compiled CPU kernel
+(grok1/kernels.py, weights converted in registers) where it applies, else dequantise and use
+torch. `swap_to_int8`, `quantize_model` and `quantize_embedding` replace the modules of a finished
+model from outside; the model file knows nothing of this.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ from torch import Tensor, nn
 from grok1 import kernels
 from grok1.model import Experts, TiedEmbedding, Transformer, route_to_experts
 
+FORMATS = ("int8", "int4", "bf16", "fp32")
+INT4_BLOCK = 32
+
 
 def dequantize(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """q int8 [.., out, in], scales [.., Gs, out] -> weight [.., out, in] in dtype."""
+    """int8 q [.., out, in], scales [.., Gs, out] -> weight [.., out, in] in dtype."""
     groups = scales.shape[-2]
     s = scales.float().transpose(-1, -2)  # [.., out, Gs]
     s = s.repeat_interleave(q.shape[-1] // groups, dim=-1)  # [.., out, in]
@@ -42,23 +52,74 @@ def quantize(w: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
     return q, scales.transpose(-1, -2).contiguous()
 
 
-class Int8Linear(nn.Module):
-    """Bias-free linear layer with int8 weight [out, in] and scales [Gs, out]; computes in x.dtype."""
+def quantize_int4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [.., out, in] (in a multiple of 32) -> (packed uint8 [.., out, in / 2], scales bf16 [.., out, in / 32]).
+    Per block of 32 inputs: scale = bf16(max|w| / 7), q = clip(round(w / scale), -8, 7)."""
+    *lead, out, inp = w.shape
+    if inp % INT4_BLOCK:
+        raise ValueError(f"int4 needs an input size that is a multiple of {INT4_BLOCK}, got {inp}")
+    wb = w.float().reshape(*lead, out, inp // INT4_BLOCK, INT4_BLOCK)
+    scales = (wb.abs().amax(dim=-1) / 7).to(torch.bfloat16)  # [.., out, blocks]
+    s = scales.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    q = ((wb / s).round().clamp(-8, 7) + 8).to(torch.uint8)  # [.., out, blocks, 32]
+    packed = q[..., :16] | (q[..., 16:] << 4)  # [.., out, blocks, 16]
+    return packed.reshape(*lead, out, inp // 2), scales
+
+
+def dequantize_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    *lead, out, half = packed.shape
+    p = packed.reshape(*lead, out, half // 16, 16)
+    q = torch.cat([p & 15, p >> 4], dim=-1).float() - 8  # [.., out, blocks, 32]
+    return (q * scales.float()[..., None]).reshape(*lead, out, 2 * half).to(dtype)
+
+
+def unpack(weight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """Any stored format -> the dense weight in dtype (the plain-torch path)."""
+    if weight.dtype == torch.int8:
+        return dequantize(weight, scales, dtype)
+    if weight.dtype == torch.uint8:
+        return dequantize_int4(weight, scales, dtype)
+    return weight.to(dtype)
+
+
+def pack(w: Tensor, fmt: str, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """Dense w [.., out, in] -> (weight, scales) in `fmt` (scales empty for bf16 / fp32)."""
+    if fmt == "int8":
+        return quantize(w, groups)
+    if fmt == "int4":  # an input size that does not split into 32-blocks keeps the release's int8
+        return quantize_int4(w) if w.shape[-1] % INT4_BLOCK == 0 else quantize(w, groups)
+    if fmt in ("bf16", "fp32"):
+        dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+        return w.detach().to(dtype).contiguous(), torch.empty(0, dtype=torch.bfloat16, device=w.device)
+    raise ValueError(f"unknown weight format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+
+
+def weight_format(weight: Tensor) -> str:
+    return {torch.int8: "int8", torch.uint8: "int4", torch.bfloat16: "bf16", torch.float32: "fp32"}[weight.dtype]
+
+
+def _matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    y = kernels.linear(x, weight, scales)  # weights converted in registers (CPU, float32 activations)
+    return y if y is not None else F.linear(x, unpack(weight, scales, x.dtype))
+
+
+class QLinear(nn.Module):
+    """Bias-free linear layer with a stored-format weight (see module doc); computes in x.dtype."""
 
     def __init__(self, in_features: int, out_features: int, groups: int = 1,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        # Placeholders in the release's int8 layout; loading or packing assigns the real tensors.
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(groups, out_features, dtype=torch.bfloat16, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = kernels.int8_linear(x, self.weight, self.scales)  # int8 converted in registers (CPU, float32)
-        return y if y is not None else F.linear(x, dequantize(self.weight, self.scales, x.dtype))
+        return _matmul(x, self.weight, self.scales)
 
 
-class Int8Experts(nn.Module):
-    """Experts with int8 weights: w1, w3 [E, F, D], w2 [E, D, F], and scales s1, s3 [E, Gs, F], s2 [E, Gs, D]."""
+class QExperts(nn.Module):
+    """Experts with stored-format weights w1, w3 [E, F, D] and w2 [E, D, F], scales s1, s2, s3."""
 
     def __init__(self, n_experts: int, dim: int, ffn_dim: int, groups: tuple[int, int, int] = (1, 1, 1),
                  device: torch.device | str | None = None) -> None:
@@ -70,11 +131,14 @@ class Int8Experts(nn.Module):
             self.register_buffer(f"s{i}", torch.ones(n_experts, g, out, dtype=torch.bfloat16, device=device))
 
     def expert_weights(self, idx: Tensor | int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        return (dequantize(self.w1[idx], self.s1[idx], dtype), dequantize(self.w2[idx], self.s2[idx], dtype),
-                dequantize(self.w3[idx], self.s3[idx], dtype))
+        return tuple(unpack(getattr(self, f"w{i}")[idx], self._scales(i, idx), dtype) for i in "123")  # type: ignore[return-value]
+
+    def _scales(self, i: str, idx: Tensor | int) -> Tensor:
+        s = getattr(self, f"s{i}")
+        return s[idx] if s.numel() else s
 
     def forward(self, x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor) -> Tensor:
-        if kernels.int8_linear(x_ND[:0], self.w1[0, :0], self.s1[0, :, :0]) is None:
+        if not kernels.applies(x_ND, self.w1):
             return route_to_experts(self.expert_weights, x_ND, idx_NA, gate_NA, self.n_experts)
         if x_ND.shape[0] == 1:  # decode: just the chosen experts, no sorting
             y = torch.zeros_like(x_ND)
@@ -96,16 +160,16 @@ class Int8Experts(nn.Module):
         return torch.zeros_like(x_ND).index_add_(0, token, y_RD * gate_NA.flatten()[order, None])
 
     def _expert(self, e: int, x: Tensor) -> Tensor:
-        """Expert e on rows x [M, D] with the compiled kernel: (gelu(x w1^T) * (x w3^T)) w2^T."""
-        h = F.gelu(kernels.int8_linear(x, self.w1[e], self.s1[e]), approximate="tanh")
-        h = h * kernels.int8_linear(x, self.w3[e], self.s3[e])
-        return kernels.int8_linear(h, self.w2[e], self.s2[e])
+        """Expert e on rows x [M, D]: (gelu(x w1^T) * (x w3^T)) w2^T, each matmul in the kernel."""
+        h = F.gelu(_matmul(x, self.w1[e], self._scales("1", e)), approximate="tanh")
+        h = h * _matmul(x, self.w3[e], self._scales("3", e))
+        return _matmul(h, self.w2[e], self._scales("2", e))
 
 
-class Int8TiedEmbedding(nn.Module):
-    """An int8 embedding table [V, D] with one bf16 scale per row ([1, V]), used for lookup and as the
-    output projection. Not the release's format (its table is float32): an opt-in for speed, since the
-    unembedding is the largest single read per decoded token."""
+class QEmbedding(nn.Module):
+    """A stored-format tied embedding table [V, D] (int8 with one scale per row, [1, V]), used for
+    lookup and as the output projection. Not the release's format (its table is float32): an
+    opt-in for speed, since the unembedding is the largest single read per decoded token."""
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -122,38 +186,43 @@ class Int8TiedEmbedding(nn.Module):
         return (rows.float() * self.scales[0, tokens].float()[..., None]).to(self.compute_dtype)
 
     def unembed(self, h: Tensor) -> Tensor:
-        y = kernels.int8_linear(h, self.weight, self.scales)
-        return y if y is not None else F.linear(h, dequantize(self.weight, self.scales, h.dtype))
+        return _matmul(h, self.weight, self.scales)
 
 
 def quantize_embedding(model: Transformer) -> None:
     """Replace the float tied embedding by an int8 one (per-row scales), keeping its compute dtype."""
     emb: TiedEmbedding = model.tok_embeddings
     V, D = emb.weight.shape
-    q = Int8TiedEmbedding(V, D, emb.dtype, emb.weight.device)
+    q = QEmbedding(V, D, emb.dtype, emb.weight.device)
     q.weight, q.scales = quantize(emb.weight.data, groups=1)
     model.tok_embeddings = q
 
 
+RELEASE_GROUPS = {"wqkv": 1, "wo": 8, "w1": 1, "w2": 8, "w3": 1}
+
+
 def swap_to_int8(model: Transformer, groups: dict[str, int] | None = None) -> None:
-    """Replace wqkv, wo and the experts of every layer by int8 modules (weights left as placeholders).
+    """Replace wqkv, wo and the experts of every layer by QLinear / QExperts placeholders.
 
     `groups` gives the scale-group count per role ("wqkv", "wo", "w1", "w2", "w3"); the release's
-    are the defaults. Call on a meta-device model before assigning checkpoint tensors.
+    are the defaults. Call on a meta-device model before assigning checkpoint tensors (which may be
+    of any stored format: the modules take the format of what is assigned).
     """
-    g = {"wqkv": 1, "wo": 8, "w1": 1, "w2": 8, "w3": 1} | (groups or {})
+    g = RELEASE_GROUPS | (groups or {})
     for layer in model.layers:
         att = layer.attention
         dev = att.wqkv.weight.device
-        att.wqkv = Int8Linear(att.wqkv.in_features, att.wqkv.out_features, g["wqkv"], dev)
-        att.wo = Int8Linear(att.wo.in_features, att.wo.out_features, g["wo"], dev)
+        att.wqkv = QLinear(att.wqkv.in_features, att.wqkv.out_features, g["wqkv"], dev)
+        att.wo = QLinear(att.wo.in_features, att.wo.out_features, g["wo"], dev)
         ex: Experts = layer.moe.experts
         E, F_, D = ex.w1.shape
-        layer.moe.experts = Int8Experts(E, D, F_, (g["w1"], g["w2"], g["w3"]), dev)
+        layer.moe.experts = QExperts(E, D, F_, (g["w1"], g["w2"], g["w3"]), dev)
 
 
-def quantize_model(model: Transformer, groups: dict[str, int] | None = None) -> None:
-    """Quantise a float model in place to the release's int8 layout (for tests and benchmarks)."""
+def quantize_model(model: Transformer, fmt: str = "int8", groups: dict[str, int] | None = None) -> None:
+    """Store the attention projections and experts of a float model in `fmt` (int8 with the release's
+    recipe and groups, int4, bf16 or fp32), in place. The embedding, norms and router are untouched."""
+    g = RELEASE_GROUPS | (groups or {})
     dense = {id(layer): (layer.attention.wqkv.weight.data, layer.attention.wo.weight.data,
                          layer.moe.experts.w1.data, layer.moe.experts.w2.data, layer.moe.experts.w3.data)
              for layer in model.layers}
@@ -161,9 +230,9 @@ def quantize_model(model: Transformer, groups: dict[str, int] | None = None) -> 
     for layer in model.layers:
         wqkv, wo, w1, w2, w3 = dense[id(layer)]
         att, ex = layer.attention, layer.moe.experts
-        for module, w in ((att.wqkv, wqkv), (att.wo, wo)):
-            module.weight, module.scales = quantize(w, module.scales.shape[0])
+        att.wqkv.weight, att.wqkv.scales = pack(wqkv, fmt, g["wqkv"])
+        att.wo.weight, att.wo.scales = pack(wo, fmt, g["wo"])
         for i, w in (("1", w1), ("2", w2), ("3", w3)):
-            q, s = quantize(w, getattr(ex, f"s{i}").shape[1])
+            q, s = pack(w, fmt, g[f"w{i}"])
             setattr(ex, f"w{i}", q)
             setattr(ex, f"s{i}", s)

@@ -1,4 +1,4 @@
-"""The compiled int8 CPU kernel against the plain-torch dequantise-then-matmul path."""
+"""The compiled CPU matmul kernel against the plain-torch dequantise-then-matmul path, every format."""
 
 import pytest
 import torch
@@ -6,43 +6,52 @@ from conftest import small_config
 
 from grok1 import kernels
 from grok1.model import Transformer, init_weights
-from grok1.quant import dequantize, quantize, quantize_model
+from grok1.quant import FORMATS, pack, quantize_model, unpack
 
 
 @pytest.fixture(scope="module")
 def ops():
-    if kernels.int8_ops() is None:
-        pytest.skip("int8 CPU kernel could not be compiled here (the fallback path is what runs)")
-    return kernels.int8_ops()
+    if kernels.cpu_ops() is None:
+        pytest.skip("the CPU kernel could not be compiled here (the fallback path is what runs)")
+    return kernels.cpu_ops()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 15, 16, 40])
-@pytest.mark.parametrize("N,K,G", [(96, 64, 1), (40, 256, 8), (7, 48, 8), (130, 33, 1)])
-def test_int8_linear_matches_dequantised_matmul(ops, M, N, K, G):
+@pytest.mark.parametrize("N,K,G", [(96, 64, 1), (40, 256, 8), (7, 96, 8), (130, 32, 1)])
+def test_linear_matches_dequantised_matmul(ops, fmt, M, N, K, G):
     g = torch.Generator().manual_seed(M * 1000 + N)
-    q, s = quantize(torch.randn(N, K, generator=g), G)
+    w, s = pack(torch.randn(N, K, generator=g), fmt, G)
     x = torch.randn(M, K, generator=g)
-    ref = x.double() @ dequantize(q, s, torch.float32).double().T
-    y = kernels.int8_linear(x, q, s)
+    ref = x.double() @ unpack(w, s, torch.float32).double().T
+    y = kernels.linear(x, w, s)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
 
 
-def test_kernel_does_not_apply_to_bf16(ops):
-    q, s = quantize(torch.randn(8, 16))
-    assert kernels.int8_linear(torch.randn(2, 16, dtype=torch.bfloat16), q, s) is None
+def test_odd_sizes_use_the_scalar_tail(ops):
+    for fmt in ("int8", "bf16", "fp32"):
+        w, s = pack(torch.randn(9, 37), fmt, 1)
+        x = torch.randn(3, 37)
+        torch.testing.assert_close(kernels.linear(x, w, s), x @ unpack(w, s, torch.float32).T, atol=1e-4, rtol=1e-5)
 
 
+def test_kernel_does_not_apply_to_bf16_activations(ops):
+    w, s = pack(torch.randn(8, 32), "int8")
+    assert kernels.linear(torch.randn(2, 32, dtype=torch.bfloat16), w, s) is None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("batch,T", [(1, 1), (3, 1), (2, 9), (1, 40)])
-def test_int8_model_kernel_equals_fallback(ops, monkeypatch, batch, T):
-    """Whole int8 model (attention, routed experts, all paths): compiled kernel vs pure torch."""
+def test_model_kernel_equals_fallback(ops, monkeypatch, fmt, batch, T):
+    """Whole model (attention, routed experts, all paths) in each format: compiled kernel vs pure torch."""
     cfg = small_config()
     model = Transformer(cfg)
     init_weights(model, torch.Generator().manual_seed(0))
-    quantize_model(model)
+    quantize_model(model, fmt)
     tokens = torch.randint(1, cfg.vocab_size, (batch, T))
     with torch.no_grad():
         fast = model(tokens)
-        monkeypatch.setattr(kernels, "int8_linear", lambda *a: None)
+        monkeypatch.setattr(kernels, "linear", lambda *a: None)
         slow = model(tokens)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)

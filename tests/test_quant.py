@@ -4,7 +4,7 @@ import torch
 from conftest import small_config
 
 from grok1.model import Transformer, init_weights
-from grok1.quant import Int8Experts, Int8Linear, dequantize, quantize, quantize_model
+from grok1.quant import QExperts, QLinear, dequantize, quantize, quantize_model
 
 
 def test_dequantize_by_hand_with_groups():
@@ -45,8 +45,8 @@ def test_int8_model_close_to_float_and_keeps_int8():
         quantize_model(model)
         out = model(tokens)
     att, ex = model.layers[0].attention, model.layers[0].moe.experts
-    assert isinstance(att.wqkv, Int8Linear) and att.wqkv.weight.dtype == torch.int8
-    assert isinstance(ex, Int8Experts) and ex.w1.dtype == torch.int8
+    assert isinstance(att.wqkv, QLinear) and att.wqkv.weight.dtype == torch.int8
+    assert isinstance(ex, QExperts) and ex.w1.dtype == torch.int8
     assert att.wo.scales.shape[0] == 8 and ex.s2.shape[1] == 8  # the release's scale groups
     rel = (out - ref).abs().max() / ref.abs().max()
     assert rel < 0.05
@@ -54,7 +54,7 @@ def test_int8_model_close_to_float_and_keeps_int8():
 
 
 def test_int8_embedding_is_close_and_int8():
-    from grok1.quant import Int8TiedEmbedding, quantize_embedding
+    from grok1.quant import QEmbedding, quantize_embedding
 
     cfg = small_config()
     model = Transformer(cfg)
@@ -64,5 +64,5 @@ def test_int8_embedding_is_close_and_int8():
         ref = model(tokens)
         quantize_embedding(model)
         out = model(tokens)
-    assert isinstance(model.tok_embeddings, Int8TiedEmbedding) and model.tok_embeddings.weight.dtype == torch.int8
+    assert isinstance(model.tok_embeddings, QEmbedding) and model.tok_embeddings.weight.dtype == torch.int8
     assert (out - ref).abs().max() / ref.abs().max() < 0.05

@@ -1,20 +1,26 @@
-// int8-weight x float32-activation matmul for CPUs, compiled at first use (see grok1/kernels.py).
+// Weight-only low-precision matmul for CPUs, compiled at first use (see grok1/kernels.py).
 //
-// y[m, n] = sum_g s[g, n] * sum_{k in group g} x[m, k] * q[n, k]
-// q: int8 [N, K] (torch Linear layout), s: bf16 [G, N] (the release's scales: G groups along K),
-// x: float32 [M, K]. The int8 weights are converted to float32 in registers, never materialised:
-// decode (small M) streams each weight byte once, at memory speed. Large M (prefill) dequantises
-// one tile of rows at a time into a cache-resident buffer and hands it to the BLAS GEMM.
-// The sum over one group is exact-order-independent up to float rounding, like any GEMM.
+// y[m, n] = sum_k x[m, k] * W[n, k], x float32 [M, K], W [N, K] stored in one of four formats:
+//   int8  q int8 [N, K], scales bf16 [G, N]: W[n, k] = q[n, k] * s[k / (K / G), n]  (the release)
+//   int4  q uint8 [N, K / 2], scales bf16 [N, K / 32]: blocks of 32 inputs, byte j of a block holds
+//         input j in its low nibble and input j + 16 in its high nibble, values stored + 8
+//   bf16  w bf16 [N, K];  fp32  w float32 [N, K]
+// Weights are converted to float32 in registers, never materialised whole: decode (small M)
+// streams each weight byte once, at memory speed. Large M (prefill) dequantises one tile of
+// rows at a time into a cache-resident buffer and hands it to the BLAS GEMM.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstring>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#define GROK1_AVX2 1
 #endif
 
 namespace {
+
+enum class Fmt { I8, I4, BF16, F32 };
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t bits = static_cast<uint32_t>(b) << 16;
@@ -23,7 +29,36 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+struct Weights {
+  Fmt fmt;
+  const void* w;  // row n starts at w + n * row_bytes
+  int64_t row_bytes;
+  const uint16_t* s;  // scales (int8, int4), else nullptr
+  int64_t N, K, G;  // G: scale groups along K (int8: 1..K; int4: K / 32; else 1)
+};
+
+inline float scale_of(const Weights& W, int64_t n, int64_t g) {
+  if (W.fmt == Fmt::I8) return bf16_to_float(W.s[g * W.N + n]);
+  if (W.fmt == Fmt::I4) return bf16_to_float(W.s[n * W.G + g]);
+  return 1.f;
+}
+
+inline float weight_at(const Weights& W, int64_t n, int64_t k) {  // scalar, unscaled
+  const auto* row = static_cast<const uint8_t*>(W.w) + n * W.row_bytes;
+  switch (W.fmt) {
+    case Fmt::I8: return static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
+    case Fmt::I4: {
+      const int64_t b = k / 32, j = k % 32;
+      const uint8_t byte = row[b * 16 + (j & 15)];
+      return static_cast<float>((j < 16 ? byte & 15 : byte >> 4)) - 8.f;
+    }
+    case Fmt::BF16: return bf16_to_float(reinterpret_cast<const uint16_t*>(row)[k]);
+    case Fmt::F32: return reinterpret_cast<const float*>(row)[k];
+  }
+  return 0.f;
+}
+
+#ifdef GROK1_AVX2
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -32,106 +67,164 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-inline __m256 cvt8(const int8_t* p) {  // 8 int8 -> 8 float32
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+// 16 consecutive weights of row `row` starting at input k (k % 16 == 0), as two float32 vectors.
+template <Fmt F>
+inline void load16(const uint8_t* row, int64_t k, __m256& a, __m256& b) {
+  if constexpr (F == Fmt::I8) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+    a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+  } else if constexpr (F == Fmt::I4) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k / 32) * 16));
+    const __m128i nib = (k % 32 == 0) ? _mm_and_si128(bytes, _mm_set1_epi8(15))
+                                      : _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
+    const __m256i eight = _mm256_set1_epi32(8);
+    a = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), eight));
+    b = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8)), eight));
+  } else if constexpr (F == Fmt::BF16) {
+    const auto* p = reinterpret_cast<const __m128i*>(row + 2 * k);
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16));
+    b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p + 1)), 16));
+  } else {
+    const float* p = reinterpret_cast<const float*>(row) + k;
+    a = _mm256_loadu_ps(p);
+    b = _mm256_loadu_ps(p + 8);
+  }
 }
 #endif
 
-// Dot products of MR activation rows with one int8 weight row over [k0, k1).
-template <int MR>
-inline void dot_rows(const float* x, int64_t ldx, const int8_t* w, int64_t k0, int64_t k1, float* out) {
-  int64_t k = k0;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (; k + 16 <= k1; k += 16) {
-    __m256 w0 = cvt8(w + k), w1 = cvt8(w + k + 8);
-    for (int r = 0; r < MR; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k), w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k + 8), w1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-#else
+// out[r] = sum_k x[r, k] * W[n, k] (scaled) for MR rows of x.
+template <int MR, Fmt F>
+inline void row_dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float* out) {
+  const auto* row = static_cast<const uint8_t*>(W.w) + n * W.row_bytes;
+  const int64_t kg = W.K / W.G;
   for (int r = 0; r < MR; ++r) out[r] = 0.f;
-#endif
-  for (; k < k1; ++k)
-    for (int r = 0; r < MR; ++r) out[r] += x[r * ldx + k] * static_cast<float>(w[k]);
-}
-
-template <int MR>
-void gemv_block(const float* x, int64_t ldx, const int8_t* q, const uint16_t* s, float* y, int64_t ldy,
-                int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {
-  const int64_t kg = K / G;
-  for (int64_t n = n0; n < n1; ++n) {
-    float total[MR] = {0};
-    for (int64_t g = 0; g < G; ++g) {
-      float part[MR];
-      dot_rows<MR>(x, ldx, q + n * K, g * kg, (g + 1) * kg, part);
-      const float scale = bf16_to_float(s[g * N + n]);
-      for (int r = 0; r < MR; ++r) total[r] += scale * part[r];
+  for (int64_t g = 0; g < W.G; ++g) {
+    const int64_t k0 = g * kg, k1 = k0 + kg;
+    float part[MR];
+    int64_t k = k0;
+#ifdef GROK1_AVX2
+    __m256 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (; k + 16 <= k1; k += 16) {
+      __m256 w0, w1;
+      load16<F>(row, k, w0, w1);
+      for (int r = 0; r < MR; ++r) {
+        acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k), w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k + 8), w1, acc[r][1]);
+      }
     }
-    for (int r = 0; r < MR; ++r) y[r * ldy + n] = total[r];
+    for (int r = 0; r < MR; ++r) part[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+#else
+    for (int r = 0; r < MR; ++r) part[r] = 0.f;
+#endif
+    for (; k < k1; ++k) {
+      const float w = weight_at(W, n, k);
+      for (int r = 0; r < MR; ++r) part[r] += x[r * ldx + k] * w;
+    }
+    const float s = scale_of(W, n, g);
+    for (int r = 0; r < MR; ++r) out[r] += s * part[r];
   }
 }
 
-// Small M: stream the weights once; rows of x in register blocks of up to 4.
-void gemv(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s, torch::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = s.size(0);
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) gemv_block<4>(xp + m * K, K, qp, sp, yp + m * N, N, N, K, G, n0, n1);
-    for (; m + 2 <= M; m += 2) gemv_block<2>(xp + m * K, K, qp, sp, yp + m * N, N, N, K, G, n0, n1);
-    for (; m < M; ++m) gemv_block<1>(xp + m * K, K, qp, sp, yp + m * N, N, N, K, G, n0, n1);
-  });
+template <Fmt F>
+void gemv_rows(const float* x, int64_t M, const Weights& W, float* y, int64_t n0, int64_t n1) {
+  const int64_t K = W.K, N = W.N;
+  int64_t m = 0;
+  float out[4];
+  for (; m + 4 <= M; m += 4)
+    for (int64_t n = n0; n < n1; ++n) {
+      row_dots<4, F>(x + m * K, K, W, n, out);
+      for (int r = 0; r < 4; ++r) y[(m + r) * N + n] = out[r];
+    }
+  for (; m + 2 <= M; m += 2)
+    for (int64_t n = n0; n < n1; ++n) {
+      row_dots<2, F>(x + m * K, K, W, n, out);
+      for (int r = 0; r < 2; ++r) y[(m + r) * N + n] = out[r];
+    }
+  for (; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      row_dots<1, F>(x + m * K, K, W, n, out);
+      y[m * N + n] = out[0];
+    }
+}
+
+// Small M: stream the weights once, in dynamic chunks of ~64 KB so that on a shared machine a
+// descheduled thread's work is taken over instead of stalling the call at the barrier.
+void gemv(const float* x, int64_t M, const Weights& W, float* y) {
+  const int64_t chunk = std::max<int64_t>(8, (64 * 1024) / std::max<int64_t>(W.row_bytes, 1));
+  const int64_t n_chunks = (W.N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (n_chunks > 1)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(W.N, n0 + chunk);
+    switch (W.fmt) {
+      case Fmt::I8: gemv_rows<Fmt::I8>(x, M, W, y, n0, n1); break;
+      case Fmt::I4: gemv_rows<Fmt::I4>(x, M, W, y, n0, n1); break;
+      case Fmt::BF16: gemv_rows<Fmt::BF16>(x, M, W, y, n0, n1); break;
+      case Fmt::F32: gemv_rows<Fmt::F32>(x, M, W, y, n0, n1); break;
+    }
+  }
 }
 
 // Large M: dequantise a tile of weight rows (exact float32 products), multiply with BLAS.
-void tiled_gemm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s, torch::Tensor& y) {
-  const int64_t K = x.size(1), N = q.size(0), G = s.size(0), kg = K / G;
+void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
+  const int64_t K = W.K, N = W.N, kg = K / W.G;
   const int64_t tile = std::max<int64_t>(16, (256 * 1024) / (K * 4) / 16 * 16);  // ~256 KB of float32 rows
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
-  at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
-    torch::Tensor w = torch::empty({tile, K}, x.options());
-    float* wp = w.data_ptr<float>();
-    for (int64_t t = t0; t < t1; ++t) {
+  const int64_t n_tiles = (N + tile - 1) / tile;
+#pragma omp parallel num_threads(at::get_num_threads()) if (n_tiles > 1)
+  {
+    torch::Tensor buf = torch::empty({tile, K}, x.options());
+    float* wp = buf.data_ptr<float>();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_tiles; ++t) {
       const int64_t n0 = t * tile, rows = std::min(tile, N - n0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int8_t* src = qp + (n0 + r) * K;
-        float* dst = wp + r * K;
-        for (int64_t g = 0; g < G; ++g) {
-          const float scale = bf16_to_float(sp[g * N + n0 + r]);
-          for (int64_t k = g * kg; k < (g + 1) * kg; ++k) dst[k] = static_cast<float>(src[k]) * scale;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < W.G; ++g) {
+          const float s = scale_of(W, n0 + r, g);
+          for (int64_t k = g * kg; k < (g + 1) * kg; ++k) wp[r * K + k] = weight_at(W, n0 + r, k) * s;
         }
-      }
       torch::Tensor out = y.narrow(1, n0, rows);
-      at::mm_out(out, x, w.narrow(0, 0, rows).t());
+      at::mm_out(out, x, buf.narrow(0, 0, rows).t());
     }
-  });
+  }
 }
 
 }  // namespace
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t gemm_min_rows) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && s.dim() == 2, "int8_linear: x [M,K], q [N,K], s [G,N]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && s.scalar_type() == at::kBFloat16,
-              "int8_linear: dtypes must be float32, int8, bfloat16");
-  TORCH_CHECK(x.size(1) == q.size(1) && s.size(1) == q.size(0) && q.size(1) % s.size(0) == 0,
-              "int8_linear: shape mismatch");
+// y = x @ W.T for x float32 [M, K]; w and scales as described at the top (scales unused for bf16/fp32).
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t gemm_min_rows) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat, "linear: x float32 [M, K], w 2-D");
   x = x.contiguous();
-  q = q.contiguous();
-  s = s.contiguous();
-  torch::Tensor y = torch::empty({x.size(0), q.size(0)}, x.options());
-  if (x.size(0) >= gemm_min_rows) tiled_gemm(x, q, s, y);
-  else gemv(x, q, s, y);
+  w = w.contiguous();
+  const int64_t K = x.size(1), N = w.size(0);
+  Weights W{Fmt::F32, w.data_ptr(), 0, nullptr, N, K, 1};
+  switch (w.scalar_type()) {
+    case at::kChar:
+      TORCH_CHECK(scales.dim() == 2 && scales.size(1) == N && K % scales.size(0) == 0, "int8: scales [G, N]");
+      W.fmt = Fmt::I8, W.row_bytes = K, W.G = scales.size(0);
+      break;
+    case at::kByte:
+      TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 2, "int4: w [N, K / 2] packed, K a multiple of 32");
+      TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / 32, "int4: scales [N, K / 32]");
+      W.fmt = Fmt::I4, W.row_bytes = K / 2, W.G = K / 32;
+      break;
+    case at::kBFloat16: W.fmt = Fmt::BF16, W.row_bytes = 2 * K; break;
+    case at::kFloat: W.fmt = Fmt::F32, W.row_bytes = 4 * K; break;
+    default: TORCH_CHECK(false, "linear: weights must be int8, uint8 (int4), bfloat16 or float32");
+  }
+  if (W.fmt != Fmt::I4) TORCH_CHECK(w.size(1) == K, "linear: w must be [N, K] with K = x.size(1)");
+  torch::Tensor s_c;
+  if (W.fmt == Fmt::I8 || W.fmt == Fmt::I4) {
+    TORCH_CHECK(scales.scalar_type() == at::kBFloat16, "linear: scales must be bfloat16");
+    s_c = scales.contiguous();
+    W.s = reinterpret_cast<const uint16_t*>(s_c.data_ptr<at::BFloat16>());
+  }
+  torch::Tensor y = torch::empty({x.size(0), N}, x.options());
+  if (x.size(0) >= gemm_min_rows) tiled_gemm(x, W, y);
+  else gemv(x.data_ptr<float>(), x.size(0), W, y.data_ptr<float>());
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "y = x @ dequant(q, s).T with int8 q [N,K], bf16 scales s [G,N]");
+  m.def("linear", &linear, "y = x @ W.T with W int8 (+scales), packed int4 (+scales), bf16 or fp32");
 }

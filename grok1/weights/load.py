@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from grok1.config import ModelConfig, from_name
 from grok1.model import Transformer
-from grok1.quant import Int8Linear, swap_to_int8
+from grok1.quant import QLinear, swap_to_int8
 from grok1.weights import legacy, names
 from grok1.weights import safetensors as st
 from grok1.weights.legacy import CheckpointError
@@ -139,7 +139,7 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
 def weight_kind(model: Transformer) -> str:
     """"int8" when the model holds int8 matrices, else the dtype of its float matrices."""
     wqkv = model.layers[0].attention.wqkv
-    return "int8" if isinstance(wqkv, Int8Linear) else str(wqkv.weight.dtype).removeprefix("torch.")
+    return "int8" if isinstance(wqkv, QLinear) else str(wqkv.weight.dtype).removeprefix("torch.")
 
 
 def save_model(model: Transformer, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:

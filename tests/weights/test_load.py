@@ -9,7 +9,7 @@ import torch
 
 from grok1.engine.generate import generate
 from grok1.engine.sampling import SamplingParams
-from grok1.quant import Int8Experts, Int8Linear, dequantize
+from grok1.quant import QExperts, QLinear, dequantize
 from grok1.weights import legacy
 from grok1.weights.legacy import CheckpointError
 from grok1.weights.load import load_model, resolve_config
@@ -23,13 +23,13 @@ def test_weights_are_bit_exact_and_stay_int8(golden_dir, golden_config, golden_m
         elif path.endswith("multi_head_attention/linear/w"):
             layer = int(path.split("/")[1].rsplit("_", 1)[1])
             wo = golden_model.layers[layer].attention.wo
-            assert isinstance(wo, Int8Linear) and wo.weight.dtype == torch.int8
+            assert isinstance(wo, QLinear) and wo.weight.dtype == torch.int8
             assert torch.equal(wo.weight, torch.from_numpy(obj.weight).T)
             assert np.array_equal(wo.scales.view(torch.int16).numpy().view(np.uint16), obj.scales)
         elif path.endswith("moe/linear_1/w"):
             layer = int(path.split("/")[1].rsplit("_", 1)[1])
             ex = golden_model.layers[layer].moe.experts
-            assert isinstance(ex, Int8Experts)
+            assert isinstance(ex, QExperts)
             assert torch.equal(ex.w2, torch.from_numpy(obj.weight).transpose(1, 2))
             assert np.array_equal(ex.s2.view(torch.int16).numpy().view(np.uint16), obj.scales)
         elif path.endswith("router/w"):

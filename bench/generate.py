@@ -44,16 +44,16 @@ from bench.roofline import cached_read_bandwidth_gbs
 from grok1.config import ModelConfig, from_name
 from grok1.engine.generate import decode_step, prefill
 from grok1.model import Experts, Transformer, init_weights
-from grok1.quant import QExperts, QLinear, dequantize, quantize_embedding, quantize_model
+from grok1.quant import QExperts, QLinear, dequantize, quantize_embedding, quantize_model  # noqa: F401
 from grok1.weights.load import load_model
 
 CONFIGS = ("tiny-golden", "bench-s", "bench-m")
 # int8: every matrix int8 with bf16 scales, the tied table too (what llama.cpp's q8_0 does: the
-# shapes of BENCH.md's targets); int8-f32emb: as released (int8 matrices, float32 table).
-WEIGHTS = ("int8", "int8-f32emb", "bf16", "fp32")
+# shapes of BENCH.md's targets); int8-f32emb: as released (int8 matrices, float32 table);
+# int4: 4-bit matrices (32-blocks), int8 table; bf16: bf16 matrices and table; fp32: all float32.
+# All compute in float32.
+WEIGHTS = ("int8", "int8-f32emb", "int4", "bf16", "fp32")
 GOLDEN_DIR = REPO_DIR.parent / "shared" / "golden"
-BF16_SKIP = ("bf16 weights not supported yet: the model computes in its embedding's dtype and bf16 GEMM is "
-             "~80x slower than fp32 here; needs bf16-stored weights computed in fp32 (model support)")
 FIRST_ID = 3  # random token ids avoid pad (0), bos (1) and eos (2)
 
 
@@ -82,25 +82,24 @@ def dequantize_model(model: Transformer) -> None:
 
 
 def build_model(config: str, weights: str, golden_dir: Path, seed: int) -> Transformer:
-    """The model for a --config name with int8 or fp32 weights, in eval mode, computing in float32."""
+    """The model for a --config name in a --weights format, in eval mode, computing in float32."""
+    fmt = weights.removesuffix("-f32emb")
     if config == "tiny-golden":
         cfg_path, ckpt = golden_dir / "tiny-config.json", golden_dir / "tiny-ckpt"
         if not cfg_path.is_file() or not ckpt.is_dir():
             raise SystemExit(f"tiny-golden: golden data not found at {golden_dir} (pass --golden-dir)")
         model = load_model(ckpt, ModelConfig.from_reference_json(cfg_path), "cpu", torch.float32)
-        if weights == "fp32":
+        if fmt != "int8":  # repack the released weights: dequantised exactly, then stored as fmt
             dequantize_model(model)
-        if weights == "int8":
-            quantize_embedding(model)
-        return model.eval()
-    with torch.device("meta"):
-        model = Transformer(from_name(config))
-    model.to_empty(device="cpu")
-    init_weights(model, torch.Generator().manual_seed(seed))
-    if weights.startswith("int8"):
-        quantize_model(model)
-    if weights == "int8":
-        quantize_embedding(model)
+            quantize_model(model, fmt)
+    else:
+        with torch.device("meta"):
+            model = Transformer(from_name(config))
+        model.to_empty(device="cpu")
+        init_weights(model, torch.Generator().manual_seed(seed))
+        quantize_model(model, fmt)  # fp32 too: float32 matrices through the compiled kernel
+    if weights != "int8-f32emb":
+        quantize_embedding(model, "int8" if fmt in ("int8", "int4") else fmt)
     return model.eval()
 
 
@@ -122,10 +121,7 @@ def bytes_per_token(model: Transformer) -> int:
 
 def naive_experts_forward(ex: Experts | QExperts, x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor) -> Tensor:
     E = ex.n_experts
-    if isinstance(ex, QExperts):
-        w1, w2, w3 = (dequantize(getattr(ex, f"w{i}"), getattr(ex, f"s{i}"), x_ND.dtype) for i in "123")
-    else:
-        w1, w2, w3 = (getattr(ex, f"w{i}").to(x_ND.dtype) for i in "123")  # [E, F, D], [E, D, F], [E, F, D]
+    w1, w2, w3 = ex.expert_weights(torch.arange(E), x_ND.dtype)  # all experts: [E, F, D], [E, D, F], [E, F, D]
     h_NEF = F.gelu(torch.einsum("nd,efd->nef", x_ND, w1), approximate="tanh") * torch.einsum("nd,efd->nef", x_ND, w3)
     y_NED = torch.einsum("nef,edf->ned", h_NEF, w2)
     combine_NE = (F.one_hot(idx_NA, E).to(x_ND.dtype) * gate_NA[..., None]).sum(1)  # [N, A, E] -> [N, E]
@@ -239,7 +235,7 @@ def main() -> None:
     p.add_argument("--config", action="append", help=f"comma list or repeated, of {', '.join(CONFIGS)} "
                    "(default tiny-golden,bench-s)")
     p.add_argument("--weights", action="append", help="comma list of int8 (all int8, incl. the tied table), int8-f32emb (as released), fp32 "
-                        "(bf16: skip row) (default int8,fp32)")
+                        "int4, bf16 (default int8,fp32)")
     p.add_argument("--threads", action="append", help="torch thread counts, comma list (default 1,2)")
     p.add_argument("--batch", action="append", help="decode batch sizes, comma list (default 1,8,32)")
     p.add_argument("--prefill", type=int, default=512, help="prefill length, batch 1; 0 skips prefill (default 512)")
@@ -268,9 +264,6 @@ def main() -> None:
     torch.set_grad_enabled(False)
     for config in args.config:
         for weights in args.weights:
-            if weights == "bf16":
-                emit({**base, "config": config, "weights": weights, "skipped": BF16_SKIP}, args.record)
-                continue
             t0 = time.perf_counter()
             model = build_model(config, weights, args.golden_dir, args.seed)
             log(f"{config} {weights}: built in {time.perf_counter() - t0:.1f} s, "

@@ -167,8 +167,8 @@ class QExperts(nn.Module):
 
 
 class QEmbedding(nn.Module):
-    """A stored-format tied embedding table [V, D] (int8 with one scale per row, [1, V]), used for
-    lookup and as the output projection. Not the release's format (its table is float32): an
+    """A stored-format tied embedding table [V, D] (int8 with one scale per row, [1, V], bf16 or fp32), used
+    for lookup and as the output projection. Not the release's format (its table is float32): an
     opt-in for speed, since the unembedding is the largest single read per decoded token."""
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
@@ -182,19 +182,24 @@ class QEmbedding(nn.Module):
         return self.compute_dtype
 
     def forward(self, tokens: Tensor) -> Tensor:
-        rows = self.weight[tokens]  # [B, T, D] int8
-        return (rows.float() * self.scales[0, tokens].float()[..., None]).to(self.compute_dtype)
+        rows = self.weight[tokens]  # [B, T, D]
+        if rows.dtype == torch.int8:
+            return (rows.float() * self.scales[0, tokens].float()[..., None]).to(self.compute_dtype)
+        return rows.to(self.compute_dtype)
 
     def unembed(self, h: Tensor) -> Tensor:
         return _matmul(h, self.weight, self.scales)
 
 
-def quantize_embedding(model: Transformer) -> None:
-    """Replace the float tied embedding by an int8 one (per-row scales), keeping its compute dtype."""
+def quantize_embedding(model: Transformer, fmt: str = "int8") -> None:
+    """Store the tied embedding table as int8 (per-row scales), bf16 or fp32 (then only to use the
+    compiled kernel for the unembedding), keeping the compute dtype."""
+    if fmt not in ("int8", "bf16", "fp32"):
+        raise ValueError(f"the embedding table can be stored as int8, bf16 or fp32, not {fmt!r}")
     emb: TiedEmbedding = model.tok_embeddings
     V, D = emb.weight.shape
     q = QEmbedding(V, D, emb.dtype, emb.weight.device)
-    q.weight, q.scales = quantize(emb.weight.data, groups=1)
+    q.weight, q.scales = pack(emb.weight.data, fmt, 1)
     model.tok_embeddings = q
 
 

@@ -55,3 +55,12 @@ def test_model_kernel_equals_fallback(ops, monkeypatch, fmt, batch, T):
         monkeypatch.setattr(kernels, "linear", lambda *a: None)
         slow = model(tokens)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_gemm_under_inference_mode(ops):
+    """The tiled GEMM runs ATen in OpenMP workers: they must inherit inference mode (this crashed once)."""
+    w, s = pack(torch.randn(300, 64), "int8", 8)
+    with torch.inference_mode():
+        x = torch.randn(40, 64)
+        y = kernels.linear(x, w, s)
+    torch.testing.assert_close(y, x @ unpack(w, s, torch.float32).T, atol=1e-4, rtol=1e-5)

@@ -11,6 +11,8 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <exception>
 #include <algorithm>
 #include <cstring>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -171,22 +173,31 @@ void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
   const int64_t K = W.K, N = W.N, kg = K / W.G;
   const int64_t tile = std::max<int64_t>(16, (256 * 1024) / (K * 4) / 16 * 16);  // ~256 KB of float32 rows
   const int64_t n_tiles = (N + tile - 1) / tile;
+  const at::ThreadLocalState state;  // inference mode, grad mode...: worker threads must see the caller's
+  std::exception_ptr error;
 #pragma omp parallel num_threads(at::get_num_threads()) if (n_tiles > 1)
   {
-    torch::Tensor buf = torch::empty({tile, K}, x.options());
-    float* wp = buf.data_ptr<float>();
+    at::ThreadLocalStateGuard guard(state);
+    try {
+      torch::Tensor buf = torch::empty({tile, K}, x.options());
+      float* wp = buf.data_ptr<float>();
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < n_tiles; ++t) {
-      const int64_t n0 = t * tile, rows = std::min(tile, N - n0);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t g = 0; g < W.G; ++g) {
-          const float s = scale_of(W, n0 + r, g);
-          for (int64_t k = g * kg; k < (g + 1) * kg; ++k) wp[r * K + k] = weight_at(W, n0 + r, k) * s;
-        }
-      torch::Tensor out = y.narrow(1, n0, rows);
-      at::mm_out(out, x, buf.narrow(0, 0, rows).t());
+      for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t n0 = t * tile, rows = std::min(tile, N - n0);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t g = 0; g < W.G; ++g) {
+            const float s = scale_of(W, n0 + r, g);
+            for (int64_t k = g * kg; k < (g + 1) * kg; ++k) wp[r * K + k] = weight_at(W, n0 + r, k) * s;
+          }
+        torch::Tensor out = y.narrow(1, n0, rows);
+        at::mm_out(out, x, buf.narrow(0, 0, rows).t());
+      }
+    } catch (...) {  // an exception must not leave an OpenMP region: keep it and rethrow outside
+#pragma omp critical
+      if (!error) error = std::current_exception();
     }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace

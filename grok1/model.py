@@ -29,9 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return y.to(x.dtype)
+        # F.rms_norm computes exactly x * rsqrt(mean(x^2) + eps) * weight, as one fused op.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_cos_sin(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -110,9 +109,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # [B, T, (H + 2K) * Hd]
         kv_size = qkv.shape[-1] // (self.group + 2)  # K * Hd, whatever slice of heads this module holds
-        q, k, v = qkv.split([self.group * kv_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(B, T, -1, self.head_dim), cos, sin)  # [B, T, H, Hd]
-        k = apply_rope(k.view(B, T, -1, self.head_dim), cos, sin)  # [B, T, K, Hd]
+        qk, v = qkv.split([(self.group + 1) * kv_size, kv_size], dim=-1)
+        qk = apply_rope(qk.reshape(B, T, -1, self.head_dim), cos, sin)  # queries and keys in one go: [B, T, H + K, Hd]
+        q, k = qk.split([self.group * kv_size // self.head_dim, kv_size // self.head_dim], dim=2)
         v = v.view(B, T, -1, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_id, pos, k, v, kv_len, rows)  # [B, K, S, Hd]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from grok1.config import ModelConfig, from_name
 from grok1.model import Transformer
-from grok1.quant import QLinear, swap_to_int8
+from grok1.quant import QEmbedding, swap_to_int8
 from grok1.weights import legacy, names
 from grok1.weights import safetensors as st
 from grok1.weights.legacy import CheckpointError
@@ -88,23 +88,24 @@ def legacy_tensors(ckpt_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tens
 _SCALES = {"scales", "s1", "s2", "s3"}
 
 
-def to_compute_dtype(name: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """Float matrices and the embedding compute in `dtype` (the reference casts them so); norm scales,
-    the router and int8 scales keep their stored dtype."""
-    keep = name.endswith(("norm.weight", "moe.gate.weight")) or name.rpartition(".")[2] in _SCALES
-    return tensor if keep or not tensor.is_floating_point() else tensor.to(dtype)
-
-
-def _assign(model: nn.Module, name: str, tensor: Tensor) -> None:
+def _assign(model: nn.Module, name: str, tensor: Tensor, dtype: torch.dtype) -> None:
+    """Put `tensor` at `name`. Float parameters (embedding, dense matrices) take the compute dtype, as the
+    reference casts them; norm scales and the router stay float32; stored-format buffers (int8, int4,
+    bf16 matrices and their scales) stay as stored."""
     module_name, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
         current = getattr(module, attr)
     except AttributeError:
         raise CheckpointError(f"checkpoint tensor {name} has no place in the model") from None
-    if attr not in _SCALES and current.shape != tensor.shape:  # scales carry their own group count
-        raise CheckpointError(f"tensor {name}: expected shape {tuple(current.shape)}, found {tuple(tensor.shape)}")
+    expected = tuple(current.shape)
+    if tensor.dtype == torch.uint8:  # packed int4: two inputs per byte
+        expected = (*expected[:-1], expected[-1] // 2)
+    if attr not in _SCALES and expected != tuple(tensor.shape):  # scales carry their own group count
+        raise CheckpointError(f"tensor {name}: expected shape {expected}, found {tuple(tensor.shape)}")
     if attr in module._parameters:
+        if tensor.is_floating_point() and not name.endswith(("norm.weight", "moe.gate.weight")):
+            tensor = tensor.to(dtype)
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     else:
         setattr(module, attr, tensor)
@@ -115,9 +116,12 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
     """Load a checkpoint (grok1 safetensors or the release's ckpt-0) into an eval-mode Transformer
     computing in `dtype` on `device`. int8 weights stay int8."""
     dtype = dtype or default_dtype(device)
+    stored_table = False
     if st.is_checkpoint(checkpoint):
         _, kind = st.read_config(checkpoint)
-        tensors: Iterator[tuple[str, Tensor]] = iter(st.open_checkpoint(checkpoint).items())
+        mapped = st.open_checkpoint(checkpoint)
+        stored_table = "tok_embeddings.scales" in mapped  # an int8 / bf16 table (QEmbedding)
+        tensors: Iterator[tuple[str, Tensor]] = iter(mapped.items())
     else:
         ckpt_dir = find_legacy_dir(checkpoint)
         if ckpt_dir is None:
@@ -126,10 +130,12 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
         kind, tensors = "int8", legacy_tensors(ckpt_dir, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
-    if kind == "int8":
+    if kind != "float32":  # stored-format matrices: the modules take whatever format is assigned
         swap_to_int8(model)
+    if stored_table:
+        model.tok_embeddings = QEmbedding(cfg.vocab_size, cfg.dim, dtype, "meta")
     for name, tensor in tensors:
-        _assign(model, name, to_compute_dtype(name, tensor, dtype).to(device))
+        _assign(model, name, tensor.to(device), dtype)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
@@ -137,9 +143,9 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
 
 
 def weight_kind(model: Transformer) -> str:
-    """"int8" when the model holds int8 matrices, else the dtype of its float matrices."""
-    wqkv = model.layers[0].attention.wqkv
-    return "int8" if isinstance(wqkv, QLinear) else str(wqkv.weight.dtype).removeprefix("torch.")
+    """How the model's matrices are stored: "int8", "int4", "bfloat16" or "float32"."""
+    w = model.layers[0].attention.wqkv.weight
+    return {torch.int8: "int8", torch.uint8: "int4", torch.bfloat16: "bfloat16"}.get(w.dtype, "float32")
 
 
 def save_model(model: Transformer, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:

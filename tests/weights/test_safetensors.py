@@ -78,3 +78,21 @@ def test_incomplete_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="not a Grok-1 checkpoint"):
         load_model(out, cfg)
     assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
+def test_every_stored_format_round_trips_with_a_stored_table(tmp_path, fmt):
+    from grok1.quant import QEmbedding, quantize_embedding
+
+    cfg = small_config(ffn_dim=192)
+    model = Transformer(cfg)
+    init_weights(model, torch.Generator().manual_seed(0))
+    quantize_model(model, fmt)
+    quantize_embedding(model, "bf16" if fmt == "bf16" else "int8")
+    out = save_model(model, tmp_path / fmt)
+    loaded = load_model(out, cfg)
+    assert isinstance(loaded.tok_embeddings, QEmbedding)
+    _same_tensors(model, loaded)
+    tokens = torch.randint(1, cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), loaded(tokens))

@@ -310,3 +310,20 @@ def _stream(
         _check(obj, path, file, config)
         yield path, obj
         del obj  # do not hold this tensor while the next one is read
+
+
+def read_path(ckpt_dir: str | Path, path: str, config: ModelConfig) -> np.ndarray | QuantizedWeight8bit:
+    """Random access: read and check the one tensor file holding reference path `path` (the checks
+    of `read_checkpoint`). `ckpt_dir` is the `ckpt-0` directory or the directory containing it."""
+    root = Path(ckpt_dir)
+    root = root / "ckpt-0" if (root / "ckpt-0").is_dir() else root
+    paths = reference_paths(config)
+    if path not in paths:
+        expected_shape(path, config)  # raises the unknown-path error
+    i = paths.index(path)
+    file = root / f"tensor{i:05d}_000"
+    if not file.is_file():
+        raise CheckpointError(f"missing tensor {i} ({path}): expected file {file}")
+    obj = read_tensor(file)
+    _check(obj, path, file, config)
+    return obj

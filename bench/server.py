@@ -141,6 +141,24 @@ def summarize(results: list[dict], wall: float) -> dict:
             "tpot_p99_ms": ms(percentile([r["tpot"] for r in ok], 99))}
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """Step count, step seconds and batch-size sum from the server's /metrics."""
+    wanted = {"grok1_step_seconds_count": "steps", "grok1_step_seconds_sum": "step_s", "grok1_batch_size_sum": "rows"}
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            out[wanted[name]] = float(value)
+    return out
+
+
+def engine_summary(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Mean engine step time and batch size over a level: tells engine time from HTTP/client overhead."""
+    steps = max(1.0, after["steps"] - before["steps"])
+    return {"step_ms_mean": round(1000 * (after["step_s"] - before["step_s"]) / steps, 1),
+            "batch_mean": round((after["rows"] - before["rows"]) / steps, 1)}
+
+
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "grok1", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--model-name", "bench"]
@@ -204,10 +222,10 @@ def main() -> None:
     try:
         asyncio.run(run_level(url, "bench", 1, 2, None, args.max_tokens))  # warm up
         for c in levels:
-            meter = CpuMeter(server.pid)
+            meter, before = CpuMeter(server.pid), engine_counters(url)
             results, wall = asyncio.run(run_level(url, "bench", c, args.requests, None, args.max_tokens))
-            row = base | {"clients": c} | summarize(results, wall) | {"other_cpu_pct": meter.other_pct(),
-                                                                     "loadavg_1m": os.getloadavg()[0]}
+            row = base | {"clients": c} | summarize(results, wall) | engine_summary(before, engine_counters(url)) | {
+                "other_cpu_pct": meter.other_pct(), "loadavg_1m": os.getloadavg()[0]}
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.soak > 0:
@@ -226,11 +244,12 @@ def main() -> None:
         server.wait(timeout=60)
     if args.table and rows:
         one = rows[0]["tokens_per_s"] or float("nan")
-        print("| clients | tokens/s | x 1 client | TTFT p50 / p99 ms | TPOT p50 / p99 ms | errors | other CPU % |\n"
-              "|---|---|---|---|---|---|---|", file=sys.stderr)
+        print("| clients | tokens/s | x 1 client | TTFT p50 / p99 ms | TPOT p50 / p99 ms | engine step ms (batch) "
+              "| errors | other CPU % |\n|---|---|---|---|---|---|---|---|", file=sys.stderr)
         for r in rows:
             print(f"| {r['clients']} | {r['tokens_per_s']} | {r['tokens_per_s'] / one:.1f} | {r['ttft_p50_ms']} / "
-                  f"{r['ttft_p99_ms']} | {r['tpot_p50_ms']} / {r['tpot_p99_ms']} | {r['errors']} | "
+                  f"{r['ttft_p99_ms']} | {r['tpot_p50_ms']} / {r['tpot_p99_ms']} | {r['step_ms_mean']} ({r['batch_mean']}) | "
+                  f"{r['errors']} | "
                   f"{r['other_cpu_pct']} |", file=sys.stderr)
 
 

@@ -156,6 +156,12 @@ PRESETS: dict[str, ModelConfig] = {
     # checkpoint's lexicographic layer order (0, 1, 10, 11, 2, ...) is exercised.
     "tiny": dataclasses.replace(_GROK1, dim=32, n_layers=12, n_heads=16, n_kv_heads=8, head_dim=16,
                                 ffn_dim=ffn_size(8, 32)),
+    # The bundled demo model (grok1/assets/grok-1-mini, trained on Jane Austen by scripts/make_demo_model.py):
+    # every Grok-1 feature at small scale: sandwich norms, soft-cap 30, GQA (4 query heads per KV head),
+    # 8 experts with top-2, tied embedding x sqrt(D) on input, logits x 1/sqrt(3), QK scale 1/sqrt(Hd).
+    "grok-1-mini": dataclasses.replace(_GROK1, vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=2,
+                                       head_dim=32, n_experts=8, n_active_experts=2, ffn_dim=ffn_size(2, 256),
+                                       embedding_multiplier=256**0.5, attn_scale=32**-0.5, max_seq_len=256),
     # The two scaled configs of shared/BENCH.md (random weights, for benchmarks).
     "bench-s": dataclasses.replace(_GROK1, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64,
                                    ffn_dim=1376),

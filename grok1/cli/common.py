@@ -12,6 +12,9 @@ from grok1.model import Transformer
 from grok1.tokenizer import Tokenizer
 from grok1.weights.load import load_model, resolve_config
 
+# The bundled demo model (package data): what every --checkpoint option means when it is omitted.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "grok-1-mini"
+
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
     """Check the checkpoint exists and find its config (cheap: call before anything slow)."""

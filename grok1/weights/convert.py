@@ -237,8 +237,9 @@ def _ndims(name: str, target: str, dtype: str, cfg: ModelConfig, shapes: dict, l
 
 def _planned_bytes(name: str, dtype: str, shapes: dict, target: str, layout: str) -> int:
     n = int(np.prod(shapes[name]))
-    if is_matrix(name):
-        return n * {"int8": 1, "bf16": 2, "fp32": 4}[dtype]
+    if is_matrix(name):  # int8: + bf16 scales, in the release's groups
+        scales = 2 * n // shapes[name][-1] * RELEASE_GROUPS[names.split_layer(name)[1]] if dtype == "int8" else 0
+        return n * {"int8": 1, "bf16": 2, "fp32": 4}[dtype] + scales
     size = n * (4 if dtype in ("fp32", "int8") or not name.endswith("embeddings.weight") else 2)
     return 2 * size if target == "hf" and layout == "sglang" and name == "tok_embeddings.weight" else size
 
@@ -318,6 +319,10 @@ def _read_manifest(file: Path) -> dict:
 
 def planned_bytes(src: Source, target: str, dtype: str, layout: str = "vllm") -> int:
     """Bytes of tensor data the conversion will write (for a progress bar)."""
+    if target == "gguf":
+        from grok1.weights import gguf
+
+        return sum(gguf.nbytes(shape, qtype) for _, _, _, shape, qtype in gguf.plan(src.config, dtype))
     shapes = model_shapes(src.config)
     return sum(_planned_bytes(u, dtype, shapes, target, layout) for u in unit_names(src.config))
 

@@ -74,7 +74,7 @@ def tensor_type(name: str, shape: tuple[int, ...], dtype: str) -> gguf.GGMLQuant
     return _T.F16
 
 
-def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+def nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return int(np.prod(shape)) // block * size
 
@@ -181,7 +181,7 @@ def export(src: Source, out: Path, dtype: str, tokenizer: Path | None, progress:
             result.notes.append(note)
         for name, _, _, shape, qtype in tensors:
             w.add_tensor_info(name, shape, np.dtype(np.float16 if qtype == _T.F16 else np.float32),
-                              _nbytes(shape, qtype), raw_dtype=None if qtype in (_T.F32, _T.F16) else qtype)
+                              nbytes(shape, qtype), raw_dtype=None if qtype in (_T.F32, _T.F16) else qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -203,7 +203,7 @@ def export(src: Source, out: Path, dtype: str, tokenizer: Path | None, progress:
                 written += data.nbytes
                 if progress is not None:
                     progress(data.nbytes)
-            assert written == _nbytes(shape, qtype), (name, written, _nbytes(shape, qtype))
+            assert written == nbytes(shape, qtype), (name, written, nbytes(shape, qtype))
             w.write_padding(f, written)
             result.bytes_written += written
         f.flush()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from grok1.config import PRESETS, ModelConfig
-from grok1.weights import legacy, legacy_write
+from grok1.weights import legacy_write
 from grok1.weights.legacy import (
     CheckpointError,
     QuantizedWeight8bit,

@@ -50,6 +50,18 @@ def train_tokenizer(files: Sequence[str | Path], out: str | Path, vocab_size: in
     if vocab_size <= reserved:
         raise ValueError(f"vocab_size must exceed {reserved} (special, user-defined and byte pieces), got {vocab_size}")
     model = io.BytesIO()
+    try:
+        _train(files, model, vocab_size, max_sentences, seed_sentences, threads)
+    except RuntimeError as e:  # e.g. a vocabulary too small for the characters of the text
+        raise ValueError(f"SentencePiece training failed: {str(e).strip().splitlines()[-1]}") from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, model.getvalue())
+    return out
+
+
+def _train(files: Sequence[str | Path], model: io.BytesIO, vocab_size: int, max_sentences: int,
+           seed_sentences: int, threads: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(files), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
@@ -60,7 +72,3 @@ def train_tokenizer(files: Sequence[str | Path], out: str | Path, vocab_size: in
         unk_piece="[UNK]", user_defined_symbols=NEWLINE_RUNS + DIGITS, num_threads=threads,
         minloglevel=2,
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, model.getvalue())
-    return out

@@ -43,7 +43,11 @@ PROMPTS = ["It is a truth universally acknowledged", "Mr. Darcy", "Emma Woodhous
 def corpus_from_debian(out: Path) -> None:
     """Rebuild austen.txt from Debian's r-cran-janeaustenr (the six novels as R character vectors)."""
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "rdata"], check=True)
+    import warnings
+
     import rdata
+
+    warnings.filterwarnings("ignore", module="rdata")  # "Unknown file type: assumed RDS" for each chunk
 
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, check=True)
@@ -58,7 +62,7 @@ def corpus_from_debian(out: Path) -> None:
             chunk = blob[offset : offset + length]
             lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(chunk[4:])))
             books.append("\n".join(str(x) for x in lines))
-    out.write_text("\n\n".join(books) + "\n", encoding="utf-8")
+    out.write_text("\n\n".join(books), encoding="utf-8")  # byte-identical to shared/corpus/austen/austen.txt
 
 
 def stage_corpus(work: Path, from_debian: bool) -> Path:

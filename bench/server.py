@@ -161,7 +161,7 @@ def engine_summary(before: dict[str, float], after: dict[str, float]) -> dict:
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "grok1", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--model-name", "bench"]
+           "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--model-name", "bench", "--threads", str(args.threads)]
     for flag in ("config", "tokenizer", "preset", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per completion (default 64)")
     ap.add_argument("--max-batch", type=int, default=16, help="server --max-batch (default 16)")
     ap.add_argument("--max-seq-len", type=int, default=256, help="server --max-seq-len (default 256)")
+    ap.add_argument("--threads", type=int, default=1, help="server --threads (default 1; see grok1 serve --help)")
     ap.add_argument("--soak", type=float, default=60, help="seconds of soak at the highest level (0 = none)")
     ap.add_argument("--table", action="store_true", help="also print a markdown table on stderr")
     args = ap.parse_args()
@@ -217,7 +218,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = start_server(args, port)
     base = {"bench": "server", "commit": commit(), "model": Path(args.checkpoint).name, "max_tokens": args.max_tokens,
-            "max_batch": args.max_batch, "cpus": os.cpu_count()}
+            "max_batch": args.max_batch, "threads": args.threads, "cpus": os.cpu_count()}
     rows = []
     try:
         asyncio.run(run_level(url, "bench", 1, 2, None, args.max_tokens))  # warm up

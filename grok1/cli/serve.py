@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
 from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
 from grok1.engine.engine import Engine, EngineConfig
 from grok1.tokenizer import PERSONAS
@@ -18,6 +20,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="requests decoded together (KV-cache rows; default: serve 16, chat 1)")
     g.add_argument("--max-seq-len", type=int, default=2048, metavar="N",
                    help="tokens per request, prompt plus completion (default 2048, at most the model's context)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice); 1 is often faster for small models or on a "
+                        "busy machine, where idle-waiting threads stall every step")
     g.add_argument("--persona", choices=sorted(PERSONAS),
                    help="system prompt for chats that bring none: grok = witty, with a rebellious streak")
 
@@ -26,6 +31,10 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
     cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
     model = model_from_args(args, cfg)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.max_batch < 1 or args.max_seq_len < 2:
         raise ValueError(f"--max-batch must be >= 1 and --max-seq-len >= 2 (got {args.max_batch}, {args.max_seq_len})")
     config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len,

@@ -85,7 +85,7 @@ def main() -> None:
         phases.clear()
         monitor = CpuMonitor()
 
-        def one_step() -> float:
+        def one_step(model=model, opt=opt, tap=tap, batch=batch, phases=phases) -> float:
             t0 = time.perf_counter()
             step_fn(model, opt, tap, batch, cfg, phases)
             return time.perf_counter() - t0

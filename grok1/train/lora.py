@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
@@ -200,7 +201,7 @@ def load_adapter_tensors(model: Transformer, path: str | Path) -> None:
     file = Path(path) / "adapter.safetensors"
     try:
         tensors = st_load(file.read_bytes())
-    except (OSError, Exception) as e:  # safetensors raises its own error type for corrupt files
+    except (OSError, SafetensorError) as e:
         raise ValueError(f"cannot read LoRA adapters {file}: {e}") from None
     params = dict(model.named_parameters())
     expected = {n for n in params if ".lora_" in n}

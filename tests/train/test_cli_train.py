@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import small_config
+from train_helpers import corpus_fixture, tokenizer_path_fixture  # noqa: F401  (fixtures)
+
 from grok1.cli.main import main
 from grok1.tokenizer import Tokenizer
-from train_helpers import corpus, tokenizer_path  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(autouse=True)

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from train_helpers import corpus_fixture, pattern_tokens, tokenizer_path_fixture  # noqa: F401  (fixtures)
 
 from grok1.tokenizer import Tokenizer
 from grok1.train.data import DataState, TokenData, bigram_loss, cached_tokens, load_shards, tokenize_files
-from train_helpers import corpus, pattern_tokens, tokenizer_path  # noqa: F401  (fixtures)
 
 
 def test_tokenize_files_matches_the_tokenizer(corpus, tokenizer_path, tmp_path):

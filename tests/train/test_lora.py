@@ -2,17 +2,16 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import small_config
+from train_helpers import pattern_tokens
+
 from grok1.model import Transformer, init_weights
 from grok1.quant import quantize_model
 from grok1.train import lora
 from grok1.train.data import TokenData
 from grok1.train.loop import TrainConfig, heldout_loss, train
-from train_helpers import pattern_tokens
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,8 @@
 import math
 
 import torch
-
 from conftest import small_config
+
 from grok1.model import Transformer, init_weights
 from grok1.train.router import RouterTap, expert_load, load_balancing_loss, router_losses, z_loss
 

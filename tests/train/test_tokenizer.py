@@ -1,10 +1,10 @@
 """grok1.train.tokenizer: a SentencePiece BPE model with the Grok-1 conventions."""
 
 import pytest
+from train_helpers import corpus_fixture, tokenizer_path_fixture  # noqa: F401  (fixtures)
 
 from grok1.tokenizer import Tokenizer
 from grok1.train.tokenizer import train_tokenizer
-from train_helpers import corpus, tokenizer_path  # noqa: F401  (fixtures)
 
 
 def test_grok1_conventions(tokenizer_path):

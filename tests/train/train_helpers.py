@@ -1,13 +1,16 @@
 """Helpers and fixtures for the training tests (imported by name: a second conftest.py here would shadow
-tests/conftest.py for `from conftest import ...`)."""
+tests/conftest.py for `from conftest import ...`). Test modules import the fixtures as `*_fixture`."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-WORDS = ("the lady said that her sister would walk to the house before dinner and the gentleman "
-         "was very glad of it because he had been long at home with his friend who never spoke").split()
+WORDS = [
+    "the", "lady", "said", "that", "her", "sister", "would", "walk", "to", "the", "house", "before", "dinner",
+    "and", "the", "gentleman", "was", "very", "glad", "of", "it", "because", "he", "had", "been", "long", "at",
+    "home", "with", "his", "friend", "who", "never", "spoke"
+]
 
 
 def synthetic_text(n_sentences: int = 600, seed: int = 0) -> str:
@@ -23,15 +26,15 @@ def synthetic_text(n_sentences: int = 600, seed: int = 0) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="corpus")
+def corpus_fixture(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(synthetic_text())
     return path
 
 
-@pytest.fixture(scope="session")
-def tokenizer_path(corpus, tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="tokenizer_path")
+def tokenizer_path_fixture(corpus, tmp_path_factory) -> Path:
     from grok1.train.tokenizer import train_tokenizer
 
     return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=320)
@@ -44,8 +47,8 @@ def pattern_tokens(n: int, period: int = 7, vocab: int = 64, seed: int = 0) -> n
     return np.resize(cycle, n).astype(np.uint16)
 
 
-@pytest.fixture
-def pattern_file(tmp_path) -> Path:
+@pytest.fixture(name="pattern_file")
+def pattern_file_fixture(tmp_path) -> Path:
     path = tmp_path / "pattern.npy"
     np.save(path, pattern_tokens(8000))
     return path

@@ -6,14 +6,16 @@ import argparse
 import sys
 
 from grok1.cli import chat, check, convert, generate, info, score, serve, train
+from grok1.cli.common import DEFAULT_CHECKPOINT
 
 
 def model_options() -> argparse.ArgumentParser:
     """Options every model-loading subcommand shares."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", metavar="DIR", required=True,
-                   help="checkpoint directory: the release layout (DIR/ckpt-0/tensor*_000)")
+    g.add_argument("--checkpoint", metavar="DIR", default=str(DEFAULT_CHECKPOINT),
+                   help="checkpoint directory: the release layout (DIR/ckpt-0/tensor*_000) or grok1's own "
+                        "safetensors layout; default: the bundled demo model grok-1-mini")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="JSON",
                      help="model config file (reference run.py field names or ours); default: "

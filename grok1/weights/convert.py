@@ -7,10 +7,12 @@ from config.json beside it or given), grok1's format, and both HF layouts (`weig
 dtype per target: grok1 int8 (quantising float weights with the release's recipe when needed),
 bf16 or fp32 (default: the source's); hf bf16 (default) or fp32; gguf fp32, f16 or q8_0 (default).
 
-Memory: one source tensor and one piece (`safetensors.PIECE_BYTES`) of its conversion at a time:
-the release reader holds one file's payload, grok1/HF shards are read with pread (not mapped, so
-resident memory does not grow with the model), and transposes, dequantisation and quantisation run
-piece by piece as the output is written.
+Memory: about one source tensor: the release reader holds one file's payload, grok1/HF shards are
+read with pread (not mapped, so resident memory does not grow with the model), and transposes,
+dequantisation and quantisation run piece by piece (`safetensors.PIECE_BYTES`) straight into a few
+reused write buffers. The next tensor is read on a thread while this one is written, when the two
+together are no bigger than the largest tensor; shards are written with O_DIRECT from a writer
+thread that also hashes them (`safetensors.write_shard`), so reading, converting and writing overlap.
 
 Resume (grok1 and hf targets): shards are planned up front from the config, each written
 atomically; a manifest (`.grok1-convert.json`) records the sha256 of every finished shard. A rerun
@@ -23,10 +25,12 @@ temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,8 +206,7 @@ def _out_dtype(name: str, dtype: str, source_dtype: torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _grok1_streams(src: Source, name: str, dtype: str) -> Iterator[tuple[str, Stream]]:
-    w, s = src.read(name)
+def _grok1_streams(name: str, dtype: str, w: Tensor, s: Tensor | None) -> Iterator[tuple[str, Stream]]:
     if is_matrix(name) and dtype == "int8":
         ws, ss = _int8_streams(w, s, RELEASE_GROUPS[names.split_layer(name)[1]])
         yield name, ws
@@ -213,11 +216,11 @@ def _grok1_streams(src: Source, name: str, dtype: str) -> Iterator[tuple[str, St
     yield name, Stream(out, tuple(w.shape), float_pieces(w, s, out))
 
 
-def _hf_streams(src: Source, name: str, dtype: str, layout: str) -> Iterator[tuple[str, Stream]]:
-    w, s = src.read(name)
+def _hf_streams(cfg: ModelConfig, name: str, dtype: str, layout: str, w: Tensor, s: Tensor | None
+                ) -> Iterator[tuple[str, Stream]]:
     out = _out_dtype(name, dtype, w.dtype)
-    rows = hf.part_rows(src.config)
-    for hf_name, part, expert in hf.tensor_names(name, src.config, layout):
+    rows = hf.part_rows(cfg)
+    for hf_name, part, expert in hf.tensor_names(name, cfg, layout):
         wp, sp = w, s
         if part is not None:
             r0, r1 = rows[part]
@@ -242,6 +245,20 @@ def _planned_bytes(name: str, dtype: str, shapes: dict, target: str, layout: str
         return n * {"int8": 1, "bf16": 2, "fp32": 4}[dtype] + scales
     size = n * (4 if dtype in ("fp32", "int8") or not name.endswith("embeddings.weight") else 2)
     return 2 * size if target == "hf" and layout == "sglang" and name == "tok_embeddings.weight" else size
+
+
+def read_ahead(src: Source, units: list[str], sizes: dict[str, int]) -> Iterator[tuple[str, tuple]]:
+    """(unit, src.read(unit)) in order; the next unit is read on a thread while the caller writes this
+    one, when the two fit in the largest unit's size (so memory stays near one big tensor)."""
+    budget = max(sizes.values(), default=0)
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for i, unit in enumerate(units):
+            data = pending.result() if pending is not None else src.read(unit)
+            pending = None
+            if i + 1 < len(units) and sizes[unit] + sizes[units[i + 1]] <= budget:
+                pending = pool.submit(src.read, units[i + 1])
+            yield unit, data
 
 
 def _stale_shards(out: Path, keep: set[str]) -> list[Path]:
@@ -269,21 +286,30 @@ def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str
     start = time.perf_counter()
     weight_map: dict[str, str] = {}
     sha: dict[str, str] = {}
+    todo = []
+    for fname, shard in zip(files, plan):
+        file = out / fname
+        if fname in done and file.is_file() and st.data_sha256(file) == done[fname]:
+            sha[fname] = done[fname]  # finished before, verified: kept
+            result.skipped_shards.append(fname)
+            if progress is not None:
+                progress(file.stat().st_size)
+        else:
+            done.pop(fname, None)
+            todo.append(fname)
+    sizes = {u: _planned_bytes(u, dtype, shapes, target, layout) for u in units}
+    reads = read_ahead(src, [u for f, shard in zip(files, plan) if f in todo for u in shard], sizes)
     for fname, shard in zip(files, plan):
         ndims: dict[str, int] = {}
         for u in shard:
             ndims |= _ndims(u, target, dtype, cfg, shapes, layout)
         weight_map |= dict.fromkeys(ndims, fname)
-        file = out / fname
-        if fname in done and file.is_file() and st.data_sha256(file) == done[fname]:
-            sha[fname] = done[fname]
-            result.skipped_shards.append(fname)
-            if progress is not None:
-                progress(file.stat().st_size)
+        if fname not in todo:
             continue
-        done.pop(fname, None)
-        streams = (t for u in shard for t in (_grok1_streams(src, u, dtype) if target == "grok1"
-                                              else _hf_streams(src, u, dtype, layout)))
+        file = out / fname
+        streams = (t for u, (w, s) in itertools.islice(reads, len(shard))
+                   for t in (_grok1_streams(u, dtype, w, s) if target == "grok1"
+                             else _hf_streams(cfg, u, dtype, layout, w, s)))
         try:
             sha[fname] = done[fname] = st.write_shard(file, streams, ndims, progress)
         except OSError as e:

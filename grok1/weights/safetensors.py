@@ -29,7 +29,9 @@ import json
 import math
 import mmap
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,47 +99,145 @@ def as_stream(t: Tensor) -> Stream:
     return Stream(t.dtype, tuple(t.shape), pieces(t))
 
 
+ALIGN = 4096  # O_DIRECT granularity: tensor data starts at a multiple of it and is written in multiples
+
+
 def _header_reserve(names: list[str], ndims: list[int]) -> int:
-    """Bytes that surely hold the JSON header of these tensors, whatever their shapes and offsets."""
+    """Header bytes that surely hold the JSON header of these tensors, whatever their shapes and offsets,
+    rounded so that the data starts at a multiple of ALIGN."""
     big = 10**19
     header = {"__metadata__": {"format": "pt"}} | {
         n: {"dtype": "BOOL", "shape": [big] * d, "data_offsets": [big, big]} for n, d in zip(names, ndims)}
-    return -(-len(json.dumps(header, separators=(",", ":"))) // 8) * 8
+    return -(-(8 + len(json.dumps(header, separators=(",", ":")))) // ALIGN) * ALIGN - 8
+
+
+class _Sink:
+    """Tensor data -> file at `start`, written and hashed on a background thread.
+
+    Each piece is copied (transposed, cast) straight into one of a few reused page-aligned buffers,
+    then the writer thread writes whole ALIGN-blocks with O_DIRECT where the file system allows it
+    (no page cache: on a VM whose fresh memory is slow to touch, and for outputs larger than RAM,
+    that is faster) and hashes them; the bytes short of a block move on to the next buffer. Making
+    the next piece overlaps with writing this one. Writes and sha256 release the GIL."""
+
+    def __init__(self, file: Path, start: int, buffers: int = 3) -> None:
+        self.fd = os.open(file, os.O_WRONLY)
+        try:
+            self.direct = os.open(file, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:  # e.g. tmpfs: buffered writes
+            self.direct = os.dup(self.fd)
+        self.cap = PIECE_BYTES + ALIGN
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(buffers):
+            self.free.put(mmap.mmap(-1, self.cap))  # page-aligned, touched once, reused
+        self.buf, self.fill, self.pos = self.free.get(), 0, start
+        self.digest, self.error = hashlib.sha256(), None
+        self.todo: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.todo.get()) is not None:
+            buf, n = job
+            if self.error is None:
+                try:
+                    view, done = memoryview(buf)[:n], 0
+                    while done < n:
+                        done += os.pwrite(self.direct, view[done:], self.pos + done)
+                    self.pos += n
+                    self.digest.update(view)
+                except Exception as e:  # noqa: BLE001 -- any failure must reach the producer
+                    self.error = e
+            self.free.put(buf)
+
+    def put(self, piece: Tensor, dtype: torch.dtype) -> int:
+        """Copy a piece (any strides) into the stream as dtype; returns its byte count."""
+        if self.error is not None:
+            raise self.error
+        item = torch.tensor([], dtype=dtype).element_size()
+        n = piece.numel() * item
+        if not n:
+            return 0
+        if n > self.cap - self.fill or self.fill % item:  # an oversized row, or an odd offset: go through bytes
+            data = piece.to(dtype).contiguous().reshape(-1).view(torch.uint8)
+            for i in range(0, n, PIECE_BYTES):
+                self._put_bytes(data[i:i + PIECE_BYTES])
+            return n
+        dst = torch.frombuffer(self.buf, dtype=torch.uint8, count=n, offset=self.fill)
+        dst.view(dtype).view(piece.shape).copy_(piece)
+        self.fill += n
+        self._ship()
+        return n
+
+    def _put_bytes(self, data: Tensor) -> None:
+        n = min(data.numel(), self.cap - self.fill)
+        torch.frombuffer(self.buf, dtype=torch.uint8, count=n, offset=self.fill).copy_(data[:n])
+        self.fill += n
+        self._ship()
+        if n < data.numel():
+            self._put_bytes(data[n:])
+
+    def _ship(self) -> None:
+        """Hand the whole blocks to the writer; keep the rest in a fresh buffer."""
+        whole = self.fill - self.fill % ALIGN
+        if not whole:
+            return
+        buf, rest = self.buf, self.fill - whole
+        self.todo.put((buf, whole))
+        self.buf = self.free.get()
+        self.buf[:rest] = buf[whole:self.fill]  # the writer only reads [0, whole) of the old buffer
+        self.fill = rest
+
+    def close(self) -> str:
+        """Finish: the last partial block (buffered write), fsync; the sha256 of all data."""
+        try:
+            self.todo.put(None)
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+            tail = memoryview(self.buf)[:self.fill]
+            if os.pwrite(self.fd, tail, self.pos) != len(tail):
+                raise OSError(f"short write at the end of {self.fd}")
+            self.digest.update(tail)
+            return self.digest.hexdigest()
+        finally:
+            os.close(self.direct)
+            os.close(self.fd)
 
 
 def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[str, int],
                 progress: Callable[[int], object] | None = None) -> str:
     """Write a safetensors file from streamed tensors (`ndims`: name -> rank, for every name, in order);
-    returns the sha256 of the data. Memory: one piece at a time. Atomic: written as `file.tmp`,
+    returns the sha256 of the data. Memory: a few reused pieces. Atomic: written as `file.tmp`,
     fsynced, renamed. An OSError (e.g. a full disk) removes the temporary file and propagates."""
     reserve = _header_reserve(list(ndims), list(ndims.values()))
     header: dict = {"__metadata__": {"format": "pt"}}
-    digest = hashlib.sha256()
     tmp = file.with_name(file.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.seek(8 + reserve)
-            offset = 0
-            for name, stream in tensors:
-                if name not in ndims or name in header or len(stream.shape) != ndims[name]:
-                    raise ValueError(f"{file}: tensor {name} {list(stream.shape)} is not in the shard plan")
-                start = offset
-                for piece in stream.pieces:
-                    data = piece.to(stream.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
-                    f.write(data)
-                    digest.update(data)
-                    offset += data.nbytes
-                    if progress is not None:
-                        progress(data.nbytes)
-                if offset - start != stream.nbytes:
-                    raise ValueError(f"{file}: tensor {name} gave {offset - start} bytes, its shape needs {stream.nbytes}")
-                header[name] = {"dtype": _DTYPE_NAMES[stream.dtype], "shape": list(stream.shape),
-                                "data_offsets": [start, offset]}
+            sink = _Sink(tmp, 8 + reserve)
+            try:
+                offset = 0
+                for name, stream in tensors:
+                    if name not in ndims or name in header or len(stream.shape) != ndims[name]:
+                        raise ValueError(f"{file}: tensor {name} {list(stream.shape)} is not in the shard plan")
+                    start = offset
+                    for piece in stream.pieces:
+                        n = sink.put(piece, stream.dtype)
+                        offset += n
+                        if progress is not None:
+                            progress(n)
+                    if offset - start != stream.nbytes:
+                        raise ValueError(f"{file}: tensor {name} gave {offset - start} bytes, its shape needs "
+                                         f"{stream.nbytes}")
+                    header[name] = {"dtype": _DTYPE_NAMES[stream.dtype], "shape": list(stream.shape),
+                                    "data_offsets": [start, offset]}
+            finally:
+                digest = sink.close()
             missing = [n for n in ndims if n not in header]
             if missing:
                 raise ValueError(f"{file}: the shard plan's tensor {missing[0]} was never given")
             text = json.dumps(header, separators=(",", ":")).encode()
-            f.seek(0)
             f.write(struct.pack("<Q", reserve) + text + b" " * (reserve - len(text)))
             f.flush()
             os.fsync(f.fileno())
@@ -145,7 +245,7 @@ def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[s
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return digest.hexdigest()
+    return digest
 
 
 def write_index(out: Path, weight_map: dict[str, str], total: int, sha256: dict[str, str]) -> None:
@@ -274,16 +374,25 @@ def open_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
 
 def data_sha256(file: Path, progress: Callable[[int], object] | None = None) -> str:
-    """sha256 of a shard's data (the bytes after its header), read in 16 MiB chunks."""
+    """sha256 of a shard's data (the bytes after its header), read from the disk with O_DIRECT where
+    the file system allows it (a true re-read, and no page cache filled with the model)."""
     _, start = read_header(file)
     digest = hashlib.sha256()
-    buf = bytearray(16 << 20)
-    with open(file, "rb", buffering=0) as f:
-        f.seek(start)
-        while n := f.readinto(buf):
-            digest.update(memoryview(buf)[:n])
+    buf = mmap.mmap(-1, 16 << 20)  # page-aligned
+    try:
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = os.open(file, os.O_RDONLY)
+    try:
+        pos = start - start % ALIGN  # O_DIRECT reads whole blocks: skip the header's part of the first one
+        skip = start - pos
+        while n := os.preadv(fd, [buf], pos):
+            digest.update(memoryview(buf)[skip:n])
             if progress is not None:
-                progress(n)
+                progress(n - skip)
+            pos, skip = pos + n, 0
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 

@@ -52,7 +52,7 @@ def test_release_to_grok1_is_bit_identical_with_identical_logits(release_to_grok
     with torch.no_grad():
         assert torch.equal(golden_model(ids), converted(ids))
     prompt = [golden["prompt_ids"][0, : golden["prompt_lens"][0]].tolist()]
-    assert greedy(converted, prompt, 6) == greedy(golden_model, prompt, 6)
+    assert greedy(converted, prompt, 3) == greedy(golden_model, prompt, 3)
 
 
 def test_index_records_checksums_and_shards_are_standard_safetensors(release_to_grok1):

@@ -93,11 +93,12 @@ class Engine:
         t0 = time.perf_counter()
         with self.lock:
             batch, emits = self.scheduler.schedule()
+        batch.decode.sort(key=lambda r: r.slot)  # row order (outputs follow the requests, so any order is fine)
         if len(batch):
             parts = [self._prefill(batch.prefill)] if batch.prefill else []
             if batch.decode:
                 parts.append(self._decode(batch.decode))
-            logits = torch.cat(parts)  # [B, V], prefill rows first
+            logits = torch.cat(parts) if len(parts) > 1 else parts[0]  # [B, V], prefill rows first
             reqs = batch.prefill + batch.decode
             tokens = self._sample(logits, reqs)
             lps = self._logprobs(logits, tokens, reqs)
@@ -123,7 +124,9 @@ class Engine:
     def _decode(self, reqs: list[Request]) -> Tensor:
         tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # [B, 1]
         pos = torch.tensor([r.last_pos for r in reqs], device=self.device)
-        rows = torch.tensor([r.slot for r in reqs], device=self.device)
+        slots = [r.slot for r in reqs]
+        # A batch that is every cache row in order needs no row indices: the cache hands out views, not copies.
+        rows = None if slots == list(range(self.cache.k.shape[1])) else torch.tensor(slots, device=self.device)
         return self.model(tokens, pos, self.cache, cache_rows=rows)[:, 0]  # [B, V]
 
     def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from grok1.engine.sampling import SamplingParams, make_generators, params_to_tensors, sample
+from grok1.engine.sampling import SamplingParams, make_generators, sample_requests
 from grok1.model import KVCache, Transformer
 from grok1.tokenizer import StreamDecoder, Tokenizer
 
@@ -101,7 +101,6 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
     device = model.tok_embeddings.weight.device
     max_len = min(cfg.max_seq_len, max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params)))
     cache = model.new_cache(len(prompts), max_len)
-    temperature, top_p, top_k = params_to_tensors(params, device)
     generators = make_generators(params, device)
     streams = [TextStream(tokenizer, sp.stop) if tokenizer else None for sp in params]
     done = [Completion(list(p)) for p in prompts]
@@ -109,7 +108,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
 
     logits = prefill(model, cache, prompts)
     while True:
-        tokens = sample(logits, temperature, top_p, top_k, generators)
+        tokens = sample_requests(logits, params, generators)
         for row, token in enumerate(tokens.tolist()):
             c, sp, stream = done[row], params[row], streams[row]
             if c.finish_reason is not None:

@@ -97,6 +97,8 @@ def sample(
     top_p: Tensor,
     top_k: Tensor,
     generators: Sequence[torch.Generator | None],
+    use_top_k: bool = True,
+    use_top_p: bool = True,
 ) -> Tensor:
     """Draw one token id per row.
 
@@ -106,17 +108,39 @@ def sample(
     temperature 0 take the argmax (ties -> lowest id); the others divide by temperature,
     apply top-k then top-p, and draw with the exponential race argmax(probs / Exp(1)),
     which samples from probs. Every row consumes V noise draws, greedy or not.
-    Returns [B] int64.
+    use_top_k / use_top_p = False skip a filter (each sorts the whole vocabulary) when the caller
+    knows no row uses it. Returns [B] int64.
     """
     assert logits.dim() == 2 and len(generators) == logits.size(0), (tuple(logits.shape), len(generators))
     logits = logits.float()
     greedy = temperature == 0  # [B]
     t = torch.where(greedy, 1.0, temperature).unsqueeze(-1)  # [B, 1]
-    probs = top_p_filter(top_k_filter(logits / t, top_k), top_p).softmax(dim=-1)  # [B, V]
+    scaled = logits / t
+    if use_top_k:
+        scaled = top_k_filter(scaled, top_k)
+    if use_top_p:
+        scaled = top_p_filter(scaled, top_p)
+    probs = scaled.softmax(dim=-1)  # [B, V]
     noise = torch.stack([torch.empty_like(probs[b]).exponential_(generator=g) for b, g in enumerate(generators)])
     noise = noise.clamp(min=torch.finfo(noise.dtype).tiny)  # a 0 draw would make 0/0 = nan win the argmax
     sampled = (probs / noise).argmax(dim=-1)  # [B]
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+def sample_requests(logits: Tensor, params: Sequence[SamplingParams],
+                    generators: Sequence[torch.Generator | None]) -> Tensor:
+    """One token per row for rows with their own SamplingParams: greedy rows take the argmax (what
+    `sample` gives them) without its full-vocabulary sorts and noise; the others go through `sample`,
+    with only the filters some row uses. logits [B, V] -> [B] int64."""
+    tokens = logits.argmax(dim=-1)  # [B]
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        chosen = [params[i] for i in rows]
+        t, p, k = params_to_tensors(chosen, logits.device)
+        idx = torch.tensor(rows, device=logits.device)
+        tokens[idx] = sample(logits[idx], t, p, k, [generators[i] for i in rows],
+                             use_top_k=any(c.top_k > 0 for c in chosen), use_top_p=any(c.top_p < 1 for c in chosen))
+    return tokens
 
 
 def logprobs(logits: Tensor) -> Tensor:

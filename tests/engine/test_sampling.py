@@ -207,3 +207,17 @@ def test_logprobs() -> None:
     values, ids = top_logprobs(logits, 2)
     assert values.shape == ids.shape == (2, 2) and ids[0].tolist() == [0, 1]
     torch.testing.assert_close(values[0], lp[0, :2])
+
+
+def test_sample_requests_equals_sample_row_by_row():
+    """Mixed greedy / filtered / plain rows: the shortcut path gives what `sample` gives each row."""
+    from grok1.engine.sampling import sample_requests
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)) * 3
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5, seed=1),
+              SamplingParams(temperature=1.2, seed=2), SamplingParams(temperature=0.7, top_p=0.6, seed=3)]
+    got = sample_requests(logits, params, make_generators(params, "cpu"))
+    for b, p in enumerate(params):
+        t, tp, tk = params_to_tensors([p], "cpu")
+        want = sample(logits[b : b + 1], t, tp, tk, make_generators([p], "cpu"))
+        assert got[b] == want[0], b

@@ -1,6 +1,7 @@
-"""How long loading a release-format checkpoint takes, and how much memory it needs beyond the model.
+"""Loading and converting checkpoints: cold start from the release format and from grok1's own,
+conversion throughput against a plain sequential read, and peak memory.
 
-    python -m bench.load --preset bench-m [--dir DIR] [--reps 3] [--threads N] [--record]
+    python -m bench.load --preset bench-m [--dir DIR] [--reps 3] [--threads N] [--record] [--gguf]
 
 The checkpoint is synthetic (random weights quantised with the release's recipe, written by
 scripts/make_release_checkpoint.py) and is created under DIR (default /tmp/grok1-bench/<preset>)
@@ -27,6 +28,16 @@ own: interpreter + torch + load_model + the first token. One JSON line per resul
   imports, load, prefill, decode), `peak_rss_mb` (VmHWM at the end), `other_cpu_pct` (CPU used by
   other processes during the load; the machine may be shared, so times are noisy, RSS is not).
 - kind "load_median": medians of the warm repetitions.
+- kind "convert": `grok1 convert DIR -> DIR-grok1 --to grok1` (int8 kept) in a fresh process, after
+  dropping the page cache ("cold", the case that matters: a 300 GB release never fits in it) and
+  again with the release files cached ("warm"): `convert_s` (writing, without the verification
+  pass), `verify_s` (re-reading every shard from disk against its CRC-32), `gbs` = release bytes /
+  convert_s, `vs_sequential_read` = gbs / the sequential read's GB/s in the same cache state
+  (target >= 0.8), `peak_rss_mb` (VmHWM of the converting process, interpreter and torch included)
+  and `largest_tensor_mb` (the bound it should stay near). With --gguf also one q8_0 GGUF export.
+- kind "load" / "load_median" with "format": "grok1": the same loads from the converted directory
+  (memory-mapped safetensors); `first_token_s` is the cold-start time (target <= 2 s for bench-m).
+  Rows without "format" are the release format.
 
 MB are 10^6 bytes, GB 10^9.
 """
@@ -47,6 +58,7 @@ import torch
 from bench.common import REPO_DIR, CpuMonitor, emit, peak_rss_mb, provenance, warn_if_noisy
 from grok1.config import PRESETS, ModelConfig, from_name
 from grok1.engine.generate import decode_step, prefill
+from grok1.weights.convert import convert
 from grok1.weights.load import load_model
 
 MAKE_CHECKPOINT = REPO_DIR / "scripts" / "make_release_checkpoint.py"
@@ -142,9 +154,35 @@ def child(args: argparse.Namespace) -> None:
     }), flush=True)
 
 
-def load_in_fresh_process(args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "bench.load", "--child", "--preset", args.preset, "--dir", str(args.dir),
+def load_in_fresh_process(args: argparse.Namespace, directory: Path | None = None) -> dict:
+    cmd = [sys.executable, "-m", "bench.load", "--child", "--preset", args.preset, "--dir", str(directory or args.dir),
            "--spawn-time", repr(time.time())] + (["--threads", str(args.threads)] if args.threads else [])
+    out = subprocess.run(cmd, cwd=REPO_DIR, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ---- one conversion, in a fresh process ----
+
+def convert_child(args: argparse.Namespace) -> None:
+    """Convert --dir to --dst (--to, --dtype); print one JSON object of measurements to stdout."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    baseline = rss_mb()
+    monitor = CpuMonitor()
+    result = convert(args.dir, args.dst, args.to, args.dtype, preset=args.preset)
+    largest = max(f.stat().st_size for f in (args.dir / "ckpt-0").iterdir())  # the reader holds one file's tensor
+    print(json.dumps({
+        "convert_s": round(result.convert_s, 3), "verify_s": round(result.verify_s, 3),
+        "written_gb": round(result.bytes_written / 1e9, 3), "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
+        "largest_tensor_mb": round(largest / 1e6, 1),
+        "other_cpu_pct": monitor.other_cpu_pct(), "threads": torch.get_num_threads(),
+    }), flush=True)
+
+
+def convert_in_fresh_process(args: argparse.Namespace, dst: Path, to: str, dtype: str | None) -> dict:
+    cmd = [sys.executable, "-m", "bench.load", "--convert-child", "--preset", args.preset, "--dir", str(args.dir),
+           "--dst", str(dst), "--to", to] + (["--dtype", dtype] if dtype else []) + \
+          (["--threads", str(args.threads)] if args.threads else [])
     out = subprocess.run(cmd, cwd=REPO_DIR, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -159,12 +197,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the loading process (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights when creating them")
     parser.add_argument("--record", action="store_true", help="also append the rows to bench/results.jsonl")
+    parser.add_argument("--gguf", action="store_true", help="also time a q8_0 GGUF export")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--convert-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--to", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--spawn-time", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dir = args.dir or Path("/tmp/grok1-bench") / args.preset
     if args.child:
         return child(args)
+    if args.convert_child:
+        return convert_child(args)
 
     files = ensure_checkpoint(args.dir, args.preset, args.seed)
     ckpt_bytes = sum(f.stat().st_size for f in files)
@@ -172,25 +217,47 @@ def main() -> None:
             "ckpt_gb": round(ckpt_bytes / 1e9, 3)}
 
     cache = drop_page_cache()
+    read_gbs = {}
     for state in (cache, "warm"):
         seconds = sequential_read_s(files)
+        read_gbs["cold" if state == "dropped" else "warm"] = ckpt_bytes / seconds / 1e9
         emit({"kind": "sequential_read", **base, "cache": state, "seconds": round(seconds, 3),
               "gbs": round(ckpt_bytes / seconds / 1e9, 3)}, args.record)
 
-    runs = []
-    for rep in range(args.reps):
-        row = load_in_fresh_process(args)
-        warn_if_noisy(row["other_cpu_pct"], f"load rep {rep}")
-        runs.append(row)
-        emit({"kind": "load", **base, "cache": "warm", "rep": rep, **row,
-              "read_gbs": round(ckpt_bytes / row["load_s"] / 1e9, 3)}, args.record)
-    if cache == "dropped" and drop_page_cache() == "dropped":
-        row = load_in_fresh_process(args)
-        emit({"kind": "load", **base, "cache": "cold", "rep": 0, **row,
-              "read_gbs": round(ckpt_bytes / row["load_s"] / 1e9, 3)}, args.record)
-    median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "threads"}
-    emit({"kind": "load_median", **base, "cache": "warm", "reps": args.reps, "threads": runs[0]["threads"], **median,
-          "read_gbs": round(ckpt_bytes / median["load_s"] / 1e9, 3)}, args.record)
+    grok1_dir = args.dir.parent / f"{args.dir.name}-grok1"
+    states = (["cold"] if cache == "dropped" else []) + ["warm"]
+    for state in states:
+        if state == "cold":
+            drop_page_cache()
+        else:
+            sequential_read_s(files)  # the release files in the page cache
+        row = convert_in_fresh_process(args, grok1_dir, "grok1", None)
+        warn_if_noisy(row["other_cpu_pct"], f"{state} conversion")
+        gbs = ckpt_bytes / row["convert_s"] / 1e9
+        emit({"kind": "convert", **base, "to": "grok1", "cache": state, **row, "gbs": round(gbs, 3),
+              "vs_sequential_read": round(gbs / read_gbs[state], 3)}, args.record)
+    if args.gguf:
+        row = convert_in_fresh_process(args, args.dir.parent / f"{args.dir.name}.q8_0.gguf", "gguf", "q8_0")
+        emit({"kind": "convert", **base, "to": "gguf", "dtype": "q8_0", "cache": "warm", **row,
+              "gbs": round(ckpt_bytes / row["convert_s"] / 1e9, 3)}, args.record)
+
+    for fmt, directory in (("release", args.dir), ("grok1", grok1_dir)):
+        tag = {} if fmt == "release" else {"format": "grok1", "dir": str(directory)}
+        sequential_read_s(sorted(directory.glob("ckpt-0/tensor*_000")) + sorted(directory.glob("*.safetensors")))
+        runs = []
+        for rep in range(args.reps):
+            row = load_in_fresh_process(args, directory)
+            warn_if_noisy(row["other_cpu_pct"], f"{fmt} load rep {rep}")
+            runs.append(row)
+            emit({"kind": "load", **base, **tag, "cache": "warm", "rep": rep, **row,
+                  "read_gbs": round(ckpt_bytes / row["load_s"] / 1e9, 3)}, args.record)
+        if cache == "dropped" and drop_page_cache() == "dropped":
+            row = load_in_fresh_process(args, directory)
+            emit({"kind": "load", **base, **tag, "cache": "cold", "rep": 0, **row,
+                  "read_gbs": round(ckpt_bytes / row["load_s"] / 1e9, 3)}, args.record)
+        median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "threads"}
+        emit({"kind": "load_median", **base, **tag, "cache": "warm", "reps": args.reps, "threads": runs[0]["threads"],
+              **median, "read_gbs": round(ckpt_bytes / median["load_s"] / 1e9, 3)}, args.record)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         description="Convert SRC (the release's ckpt-0 directory, a grok1 checkpoint or an HF-layout directory) "
                     "to DST, tensor by tensor with bounded memory. grok1 and hf outputs are sharded safetensors: "
                     "an interrupted run resumes (finished shards are verified and skipped) and every shard is "
-                    "re-read against its sha256 at the end. gguf writes one file for llama.cpp.")
+                    "re-read against its CRC-32 at the end. gguf writes one file for llama.cpp.")
     p.add_argument("src", metavar="SRC", help="checkpoint directory to read")
     p.add_argument("dst", metavar="DST", help="output directory (for --to gguf: the .gguf file)")
     p.add_argument("--to", required=True, choices=sorted(conv.TARGETS), help="output format")
@@ -48,7 +48,7 @@ def _bar(total: int):
 def run(args: argparse.Namespace) -> int:
     if args.verify_only:
         st.verify_checkpoint(args.dst)
-        print(f"{args.dst}: every shard matches its recorded sha256")
+        print(f"{args.dst}: every shard matches its recorded CRC-32")
         return 0
     if args.shard_gb <= 0:
         raise ValueError(f"--shard-gb must be positive, got {args.shard_gb}")

@@ -15,7 +15,7 @@ together are no bigger than the largest tensor; shards are written with O_DIRECT
 thread that also hashes them (`safetensors.write_shard`), so reading, converting and writing overlap.
 
 Resume (grok1 and hf targets): shards are planned up front from the config, each written
-atomically; a manifest (`.grok1-convert.json`) records the sha256 of every finished shard. A rerun
+atomically; a manifest (`.grok1-convert.json`) records the CRC-32 of every finished shard. A rerun
 with the same source, target and options re-hashes the finished shards, skips those that match
 and writes the rest, so an interrupted conversion ends with the same bytes as an uninterrupted
 one. The index is written last (a directory with an index is complete), then the verification
@@ -289,7 +289,7 @@ def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str
     todo = []
     for fname, shard in zip(files, plan):
         file = out / fname
-        if fname in done and file.is_file() and st.data_sha256(file) == done[fname]:
+        if fname in done and file.is_file() and st.data_checksum(file) == done[fname]:
             sha[fname] = done[fname]  # finished before, verified: kept
             result.skipped_shards.append(fname)
             if progress is not None:

@@ -13,7 +13,7 @@ nothing read until used) and hands out tensors that share the mapping.
 Shards are written as a stream (`write_shard`): tensor data goes to disk piece by piece, so
 writing needs memory for one piece, not one shard; the safetensors header is written last into
 space reserved for it (padded with spaces, as the format allows). The index records, per shard,
-the sha256 of its data (the bytes after the header), computed from memory while writing;
+the CRC-32 of its data (the bytes after the header), computed from memory while writing;
 `verify_checkpoint` re-reads the shards against it.
 
 Layout for tensor parallelism: tensors are [.., out, in] and C-contiguous, each wholly inside one
@@ -24,7 +24,6 @@ split (`names.tp_split_axis` says which axis each tensor splits on).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -32,6 +31,7 @@ import os
 import queue
 import struct
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +118,7 @@ class _Sink:
     then the writer thread writes whole ALIGN-blocks with O_DIRECT where the file system allows it
     (no page cache: on a VM whose fresh memory is slow to touch, and for outputs larger than RAM,
     that is faster) and hashes them; the bytes short of a block move on to the next buffer. Making
-    the next piece overlaps with writing this one. Writes and sha256 release the GIL."""
+    the next piece overlaps with writing this one. Writes and crc32 release the GIL."""
 
     def __init__(self, file: Path, start: int, buffers: int = 3) -> None:
         self.fd = os.open(file, os.O_WRONLY)
@@ -131,7 +131,7 @@ class _Sink:
         for _ in range(buffers):
             self.free.put(mmap.mmap(-1, self.cap))  # page-aligned, touched once, reused
         self.buf, self.fill, self.pos = self.free.get(), 0, start
-        self.digest, self.error = hashlib.sha256(), None
+        self.crc, self.error = 0, None
         self.todo: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -145,7 +145,7 @@ class _Sink:
                     while done < n:
                         done += os.pwrite(self.direct, view[done:], self.pos + done)
                     self.pos += n
-                    self.digest.update(view)
+                    self.crc = zlib.crc32(view, self.crc)
                 except Exception as e:  # noqa: BLE001 -- any failure must reach the producer
                     self.error = e
             self.free.put(buf)
@@ -189,7 +189,7 @@ class _Sink:
         self.fill = rest
 
     def close(self) -> str:
-        """Finish: the last partial block (buffered write), fsync; the sha256 of all data."""
+        """Finish: the last partial block (buffered write); the CRC-32 of all data (8 hex digits)."""
         try:
             self.todo.put(None)
             self.thread.join()
@@ -198,8 +198,7 @@ class _Sink:
             tail = memoryview(self.buf)[:self.fill]
             if os.pwrite(self.fd, tail, self.pos) != len(tail):
                 raise OSError(f"short write at the end of {self.fd}")
-            self.digest.update(tail)
-            return self.digest.hexdigest()
+            return f"{zlib.crc32(tail, self.crc):08x}"
         finally:
             os.close(self.direct)
             os.close(self.fd)
@@ -208,7 +207,7 @@ class _Sink:
 def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[str, int],
                 progress: Callable[[int], object] | None = None) -> str:
     """Write a safetensors file from streamed tensors (`ndims`: name -> rank, for every name, in order);
-    returns the sha256 of the data. Memory: a few reused pieces. Atomic: written as `file.tmp`,
+    returns the CRC-32 of the data. Memory: a few reused pieces. Atomic: written as `file.tmp`,
     fsynced, renamed. An OSError (e.g. a full disk) removes the temporary file and propagates."""
     reserve = _header_reserve(list(ndims), list(ndims.values()))
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -233,7 +232,7 @@ def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[s
                     header[name] = {"dtype": _DTYPE_NAMES[stream.dtype], "shape": list(stream.shape),
                                     "data_offsets": [start, offset]}
             finally:
-                digest = sink.close()
+                checksum = sink.close()
             missing = [n for n in ndims if n not in header]
             if missing:
                 raise ValueError(f"{file}: the shard plan's tensor {missing[0]} was never given")
@@ -245,12 +244,12 @@ def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[s
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return digest
+    return checksum
 
 
-def write_index(out: Path, weight_map: dict[str, str], total: int, sha256: dict[str, str]) -> None:
+def write_index(out: Path, weight_map: dict[str, str], total: int, crc32: dict[str, str]) -> None:
     """The index, written last: its presence marks a complete checkpoint."""
-    index = {"metadata": {"total_size": total, "sha256": dict(sorted(sha256.items()))}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": total, "crc32": dict(sorted(crc32.items()))}, "weight_map": weight_map}
     write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
 
 
@@ -292,15 +291,15 @@ def save_checkpoint(tensors: dict[str, Tensor], cfg: ModelConfig, out_dir: str |
     (out / INDEX).unlink(missing_ok=True)  # the directory is incomplete until the index is back
     tensors = {name: t.detach().cpu() for name, t in tensors.items()}
     shards = plan_shards({n: t.numel() * t.element_size() for n, t in tensors.items()}, max_shard_bytes)
-    weight_map, sha256 = {}, {}
+    weight_map, crc32 = {}, {}
     for i, shard in enumerate(shards):
         fname = shard_name(i, len(shards))
         streams = ((n, as_stream(tensors[n])) for n in shard)
-        sha256[fname] = write_shard(out / fname, streams, {n: tensors[n].dim() for n in shard})
+        crc32[fname] = write_shard(out / fname, streams, {n: tensors[n].dim() for n in shard})
         weight_map.update(dict.fromkeys(shard, fname))
     write_config(out, cfg, weights, extra)
     copy_tokenizer(tokenizer, out)
-    write_index(out, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()), sha256)
+    write_index(out, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()), crc32)
     return out
 
 
@@ -373,11 +372,11 @@ def open_checkpoint(path: str | Path) -> dict[str, Tensor]:
     return tensors
 
 
-def data_sha256(file: Path, progress: Callable[[int], object] | None = None) -> str:
-    """sha256 of a shard's data (the bytes after its header), read from the disk with O_DIRECT where
+def data_checksum(file: Path, progress: Callable[[int], object] | None = None) -> str:
+    """CRC-32 of a shard's data (the bytes after its header), read from the disk with O_DIRECT where
     the file system allows it (a true re-read, and no page cache filled with the model)."""
     _, start = read_header(file)
-    digest = hashlib.sha256()
+    crc = 0
     buf = mmap.mmap(-1, 16 << 20)  # page-aligned
     try:
         fd = os.open(file, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
@@ -387,25 +386,25 @@ def data_sha256(file: Path, progress: Callable[[int], object] | None = None) -> 
         pos = start - start % ALIGN  # O_DIRECT reads whole blocks: skip the header's part of the first one
         skip = start - pos
         while n := os.preadv(fd, [buf], pos):
-            digest.update(memoryview(buf)[skip:n])
+            crc = zlib.crc32(memoryview(buf)[skip:n], crc)
             if progress is not None:
                 progress(n - skip)
             pos, skip = pos + n, 0
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return f"{crc:08x}"
 
 
 def verify_checkpoint(path: str | Path, progress: Callable[[int], object] | None = None) -> None:
     """Re-read every shard of a grok1 (or HF-layout) checkpoint directory against its index: the header
-    parses, holds the tensors the index puts there, and the data's sha256 matches the recorded one.
+    parses, holds the tensors the index puts there, and the data's CRC-32 matches the recorded one.
     Raises ValueError naming the first bad shard."""
     path = Path(path)
     try:
         index = json.loads((path / INDEX).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path / INDEX}: {e}") from None
-    recorded = index.get("metadata", {}).get("sha256", {})
+    recorded = index.get("metadata", {}).get("crc32", {})
     for shard in sorted(set(index["weight_map"].values())):
         file = path / shard
         if not file.is_file():
@@ -418,8 +417,8 @@ def verify_checkpoint(path: str | Path, progress: Callable[[int], object] | None
         if start + end != file.stat().st_size:
             raise ValueError(f"{file}: corrupt or truncated: header says {start + end} bytes, file has "
                              f"{file.stat().st_size}")
-        if shard in recorded and data_sha256(file, progress) != recorded[shard]:
-            raise ValueError(f"{file}: corrupt: sha256 of its data differs from the one recorded in {INDEX}")
+        if shard in recorded and data_checksum(file, progress) != recorded[shard]:
+            raise ValueError(f"{file}: corrupt: the CRC-32 of its data differs from the one recorded in {INDEX}")
 
 
 def read_slice(path: str | Path, name: str, axis: int, start: int, stop: int) -> Tensor:

@@ -60,7 +60,7 @@ def test_index_records_checksums_and_shards_are_standard_safetensors(release_to_
 
     index = json.loads((release_to_grok1 / st.INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 3 and sorted(index["metadata"]["sha256"]) == shards
+    assert len(shards) > 3 and sorted(index["metadata"]["crc32"]) == shards
     with safe_open(str(release_to_grok1 / shards[0]), "pt") as f:  # the reference library reads them
         name = next(iter(f.keys()))
         assert torch.equal(f.get_tensor(name), st.read_tensor(release_to_grok1, name))

@@ -31,9 +31,9 @@ What llama.cpp does differently from the reference:
   weight normalisation on); the reference uses the raw softmax probabilities p1, p2. So llama.cpp's
   MoE output is y / (p1 + p2) for each token: a positive per-token factor c. The next operation
   is the post-MoE RMSNorm: norm(c y) = c y / sqrt(c^2 mean(y^2) + eps) * g, which equals
-  norm(y) = y / sqrt(mean(y^2) + eps) * g except for eps: the two differ by a relative
-  (1 - c^2) eps / (2 c^2 mean(y^2)) at most, about 1e-5 / mean(y^2) (c >= 1). The residual stream
-  never sees the factor;
+  norm(y) = y / sqrt(mean(y^2) + eps) * g except for eps: their ratio is
+  sqrt(1 + (c^2 - 1) eps / (c^2 mean(y^2) + eps)), within eps / (2 mean(y^2)) of 1 for any c >= 1
+  (eps = 1e-5). The residual stream never sees the factor;
 - no router soft-cap is applied (`grok.router_logit_softcapping` is read but unused), like the
   reference; vLLM and SGLang do apply one (see hf.py);
 - the MoE output and gates are not rounded to bf16, and matmuls run in its own precision.

@@ -30,7 +30,7 @@ How the ports differ from the reference (what `compat_notes` reports for a confi
 - vLLM renormalises the top-2 gates to sum to 1 (the reference does not; SGLang does not either).
   The MoE output is multiplied by 1 / (p1 + p2) per token, and the post-MoE RMSNorm divides any
   per-token scale c out again: rms(c y) = c rms(y), so norm(c y) = norm(y) up to the epsilon
-  (c y / sqrt(c^2 ms + eps) vs y / sqrt(ms + eps)): harmless to within eps / mean(y^2);
+  (c y / sqrt(c^2 ms + eps) vs y / sqrt(ms + eps)): equal within a relative eps / (2 mean(y^2));
 - vLLM multiplies the attention output by `attn_output_multiplier` as well: a constant the
   post-attention RMSNorm removes the same way;
 - both use `head_dim ** -0.5` as the QK scale (the reference: `attn_output_multiplier`), and

@@ -154,7 +154,10 @@ def _add_vocab(w: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Path) -> str | N
 def _encode(pieces: Iterator[Tensor], qtype: gguf.GGMLQuantizationType) -> Iterator[np.ndarray]:
     for p in pieces:
         a = p.numpy()
-        yield (a if qtype == _T.F32 else a.astype(np.float16) if qtype == _T.F16 else gguf.quants.quantize(a, qtype))
+        if qtype == _T.Q8_0:  # gguf's own Q8_0 (bit-exact with ggml), on the whole piece at once
+            yield gguf.quants.Q8_0.quantize_blocks(a.reshape(-1, QK))
+        else:
+            yield a if qtype == _T.F32 else a.astype(np.float16)
 
 
 def export(src: Source, out: Path, dtype: str, tokenizer: Path | None, progress: Progress | None = None,

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -128,10 +127,13 @@ async def run_level(url: str, model: str, clients: int, requests: int | None, se
         return results, time.perf_counter() - t0
 
 
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 1)
+
+
 def summarize(results: list[dict], wall: float) -> dict:
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
-    ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
     return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 2),
             "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = engine_from_args(args)
     name = args.model_name or Path(args.checkpoint).resolve().name
+    assert engine.tokenizer is not None
     app = create_app(engine, engine.tokenizer, name, api_key=args.api_key,
                      system_prompt=PERSONAS[args.persona] if args.persona else None)
     print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "

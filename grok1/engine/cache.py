@@ -8,6 +8,9 @@ handed out lowest-first so a lightly loaded engine touches the same memory.
 from __future__ import annotations
 
 import heapq
+from typing import cast
+
+from torch import Tensor
 
 from grok1.model import KVCache
 
@@ -43,4 +46,5 @@ class SlotAllocator:
 
 def clear_slot(cache: KVCache, slot: int) -> None:
     """Forget the tokens of a finished request (its keys are masked out until overwritten)."""
-    cache.valid[slot] = False
+    valid = cast(Tensor, cache.valid)  # a registered buffer
+    valid[slot] = False

@@ -126,7 +126,7 @@ class Engine:
         pos = torch.tensor([r.last_pos for r in reqs], device=self.device)
         slots = [r.slot for r in reqs]
         # A batch that is every cache row in order needs no row indices: the cache hands out views, not copies.
-        rows = None if slots == list(range(self.cache.k.shape[1])) else torch.tensor(slots, device=self.device)
+        rows = None if slots == list(range(self.config.max_batch)) else torch.tensor(slots, device=self.device)
         return self.model(tokens, pos, self.cache, cache_rows=rows)[:, 0]  # [B, V]
 
     def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:
@@ -150,8 +150,8 @@ class Engine:
         lp = logprobs(logits[idx])  # [R, V]
         chosen = lp.gather(-1, tokens[idx, None])[:, 0].tolist()
         k = max(reqs[i].logprobs or 0 for i in rows)
-        top_lp, top_ids = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        top_lp, top_ids = values.tolist(), ids.tolist()
         for j, i in enumerate(rows):
             n = reqs[i].logprobs or 0
             out[i] = TokenLogprob(int(tokens[i]), chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n])))

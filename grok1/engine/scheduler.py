@@ -58,7 +58,7 @@ class Request:
     on_output: Callable[[Output], None] | None = None  # called on the engine thread
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
-    slot: int | None = None
+    slot: int = -1  # the KV-cache row while running
     stream: TextStream | None = None
     generator: torch.Generator | None = None
     finish_reason: str | None = None
@@ -133,7 +133,9 @@ class Scheduler:
             if prefill and (len(prefill) + 1) * longest > self.prefill_tokens:
                 break
             req = self.waiting.popleft()
-            req.slot = self.slots.allocate(req.id)
+            slot = self.slots.allocate(req.id)
+            assert slot is not None
+            req.slot = slot
             prefill.append(req)
         batch = Batch(prefill, list(self.running))
         self.running.extend(prefill)
@@ -176,7 +178,7 @@ class Scheduler:
         req.finish_reason = reason
         req.text += text
         self.finished[reason] += 1
-        if req.slot is not None:
+        if req.slot >= 0:
             self.slots.release(req.slot)
             self.running.remove(req)
         else:

@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException
 
 from grok1.engine.engine import Engine
 from grok1.engine.sampling import SamplingParams
-from grok1.engine.scheduler import Output, QueueFull, Request as EngineRequest, TokenLogprob
+from grok1.engine.scheduler import Output, QueueFull, TokenLogprob
+from grok1.engine.scheduler import Request as EngineRequest
 from grok1.server import protocol as p
 from grok1.server.metrics import Metrics
 from grok1.tokenizer import CHAT_STOP, Tokenizer, chat_prompt
@@ -172,8 +173,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                                  f"tokens + max_tokens {max_tokens} = {len(ids) + max_tokens}; shorten the prompt or "
                                  "lower max_tokens", param=param, code="context_length_exceeded")
 
-    @api.post("/completions")
-    async def completions(body: p.CompletionRequest, request: Request) -> dict:
+    @api.post("/completions", response_model=None)
+    async def completions(body: p.CompletionRequest, request: Request) -> dict | StreamingResponse:
         check_model(body.model)
         prompts = encode_prompts(tokenizer, body.prompt)
         max_tokens = body.max_tokens or 16
@@ -205,8 +206,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                 "choices": [choice(i, c, c.text, c.logprobs, 0) for i, c in enumerate(job.choices)],
                 "usage": job_usage(job, body.n)}
 
-    @api.post("/chat/completions")
-    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> dict:
+    @api.post("/chat/completions", response_model=None)
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
         check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise p.APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -344,10 +345,10 @@ def job_usage(job: Job, n: int) -> dict:
 class CountRequests:
     """ASGI middleware: count every HTTP request by endpoint and status for /metrics."""
 
-    def __init__(self, app, metrics: Metrics) -> None:  # noqa: ANN001 (an ASGI app)
+    def __init__(self, app, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500

@@ -55,7 +55,7 @@ def test_commands_history_and_save(model_args, tmp_path):
     script = f"Hello\n/system Be brief.\n/save {first}\n/reset\n/save {second}\n/nonsense\n"
     run = subprocess.run([sys.executable, "-m", "grok1", "chat", *model_args, "--temperature", "0",
                           "--max-tokens", "6", "--max-seq-len", "128"], input=script, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     saved = json.loads(first.read_text())["messages"]
     assert [m["role"] for m in saved] == ["system", "user", "assistant"]
@@ -104,7 +104,7 @@ def test_serve_then_chat_over_http_and_graceful_shutdown(model_args):
         assert httpx.get(url + "/health").json()["status"] == "ok"
         chat = subprocess.run([sys.executable, "-m", "grok1", "chat", *model_args, "--url", url,
                                "--temperature", "0", "--max-tokens", "5"], input="Hi\n", capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=120, check=False)
         assert chat.returncode == 0 and "grok> " in chat.stdout, chat.stdout + chat.stderr
 
         events = []

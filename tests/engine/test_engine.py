@@ -74,7 +74,7 @@ def test_cancel_frees_the_slot_at_the_next_step(small_model):
     waiting = eng.add_request(PROMPTS[1], GREEDY)
     eng.step()
     eng.step()
-    assert eng.stats()["free_slots"] == 0 and waiting.slot is None
+    assert eng.stats()["free_slots"] == 0 and waiting.slot == -1
     eng.cancel(long.id)
     outs = eng.step()
     assert long.finish_reason == "cancelled" and waiting.slot == 0

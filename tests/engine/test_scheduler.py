@@ -23,7 +23,7 @@ def test_admits_into_free_slots_in_arrival_order():
         s.add(r)
     batch, emits = s.schedule()
     assert batch.prefill == [a, b] and batch.decode == [] and emits == []
-    assert (a.slot, b.slot, c.slot) == (0, 1, None) and list(s.waiting) == [c]
+    assert (a.slot, b.slot, c.slot) == (0, 1, -1) and list(s.waiting) == [c]
     s.postprocess([a, b], [7, 8], [None, None])
     batch, _ = s.schedule()
     assert batch.prefill == [] and batch.decode == [a, b]

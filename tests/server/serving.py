@@ -12,9 +12,8 @@ import pytest
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    """The Grok-1 tokenizer from ../shared (skips when absent)."""
+def load_tokenizer():
+    """The Grok-1 tokenizer from ../shared (skips the test when absent)."""
     from conftest import SHARED
 
     from grok1.tokenizer import Tokenizer

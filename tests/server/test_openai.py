@@ -1,12 +1,11 @@
 """The server driven by the real `openai` package (and raw httpx where the client hides the wire)."""
 
 import concurrent.futures as cf
-import json
 
 import httpx
 import openai
 import pytest
-from serving import MODEL, live_server, tok, wait_for  # noqa: F401 (tok is a fixture)
+from serving import MODEL, live_server, load_tokenizer, wait_for
 
 from grok1.engine.generate import generate
 from grok1.engine.sampling import SamplingParams
@@ -14,6 +13,11 @@ from grok1.tokenizer import chat_prompt
 
 PROMPTS = ["The answer to life the universe and everything is", "Hello", "Once upon a time", "1, 2, 3,",
            "The capital of France", "def fib(n):", "Dear diary,", "Q: Why is the sky blue?\nA:"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,7 @@ def test_stop_seed_and_n(client, golden_model, tok):
     stop = full[6:9]
     r = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=16, temperature=0, stop=[stop])
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
-    kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=1.0, seed=7, n=2)
+    kw = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 2}
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same answers

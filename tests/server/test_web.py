@@ -6,10 +6,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving import live_server, tok, wait_for  # noqa: F401 (tok is a fixture)
+from serving import live_server, load_tokenizer, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
 
 
 @pytest.fixture
@@ -31,7 +36,7 @@ def browser(tmp_path):
         driver.quit()
 
 
-def test_chat_page_streams_an_answer_and_stops(golden_model, tok, browser, tmp_path):  # noqa: F811
+def test_chat_page_streams_an_answer_and_stops(golden_model, tok, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     with live_server(golden_model, tok, max_batch=2, max_seq_len=512) as (url, engine):

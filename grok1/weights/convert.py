@@ -107,7 +107,7 @@ def open_source(path: str | Path, config: str | Path | None = None, preset: str 
 
         def read_grok1(name: str) -> tuple[Tensor, Tensor | None]:
             _layer, rel = names.split_layer(name)
-            scales = None if rel not in names.SCALES else name.removesuffix(rel) + names.SCALES[rel]
+            scales = name.removesuffix(rel) + names.SCALES.get(rel, "")
             return st.read_tensor(path, name), st.read_tensor(path, scales) if scales in weight_map else None
 
         return Source(path, "grok1", cfg, kind, read_grok1, _files_bytes(path, "*.safetensors"), _tokenizer_near(path))
@@ -132,7 +132,7 @@ def open_source(path: str | Path, config: str | Path | None = None, preset: str 
             return parts[0]
         if len({s.shape[-2] for _, s in parts if s is not None}) > 1:
             raise CheckpointError(f"{root}: query/key/value of {name} have different scale group counts")
-        return torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts], dim=-1)
+        return torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts if s is not None], dim=-1)
 
     return Source(path, "release", cfg, "int8", read_release, _files_bytes(root, "tensor*_000"), _tokenizer_near(path))
 

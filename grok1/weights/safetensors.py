@@ -131,7 +131,8 @@ class _Sink:
         for _ in range(buffers):
             self.free.put(mmap.mmap(-1, self.cap))  # page-aligned, touched once, reused
         self.buf, self.fill, self.pos = self.free.get(), 0, start
-        self.crc, self.error = 0, None
+        self.crc = 0
+        self.error: Exception | None = None
         self.todo: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -439,7 +440,7 @@ def read_slice(path: str | Path, name: str, axis: int, start: int, stop: int) ->
     try:
         for o in range(outer):
             at = data_start + info["data_offsets"][0] + (o * shape[axis] + start) * inner
-            if os.preadv(fd, [memoryview(buf[o * run:(o + 1) * run])], at) != run:
+            if os.preadv(fd, [buf[o * run:(o + 1) * run].data], at) != run:
                 raise ValueError(f"{path / shard}: truncated while reading {name}")
     finally:
         os.close(fd)

@@ -302,10 +302,14 @@ def encode_prompts(tokenizer: Tokenizer, prompt: str | list) -> list[list[int]]:
 
 async def collect(job: Job, request: Request) -> None:
     """Wait for every choice to finish; cancel the job if the client disconnects meanwhile."""
+    checked = time.monotonic()
     try:
         while not job.done:
-            if await job.next(timeout=1.0) is None and await request.is_disconnected():
-                break
+            await job.next(timeout=0.5)
+            if time.monotonic() - checked >= 0.5:  # outputs keep coming, so check on a clock, not on idleness
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    break
     finally:
         job.cancel()
     error = job.failure()

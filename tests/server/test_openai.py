@@ -153,6 +153,16 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     assert 'grok1_finished_requests_total{reason="cancelled"}' in httpx.get(url + "/metrics").text
 
 
+def test_non_streaming_client_that_gives_up_is_cancelled(server):
+    url, engine = server
+    cancelled = engine.stats()["finished"].get("cancelled", 0)
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 240, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))  # closes the connection
+    wait_for(lambda: engine.stats()["finished"].get("cancelled", 0) == cancelled + 1, what="cancellation")
+    assert engine.stats()["free_slots"] == engine.stats()["max_batch"]
+
+
 def test_api_key(golden_model, tok):
     with live_server(golden_model, tok, max_batch=1, max_seq_len=64, api_key="sekret") as (url, _):
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)

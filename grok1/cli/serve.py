@@ -54,24 +54,21 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="waiting requests beyond which new ones get HTTP 429 (default 256)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
-                   help="on Ctrl-C/SIGTERM, let running streams finish for S seconds, then cancel them (default 10)")
+                   help="on Ctrl-C/SIGTERM, let running streams finish for S seconds, then end them with an error "
+                        "event and [DONE] (default 10)")
     add_engine_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from grok1.server.app import create_app
+    from grok1.server.run import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = engine_from_args(args)
     name = args.model_name or Path(args.checkpoint).resolve().name
     assert engine.tokenizer is not None
-    app = create_app(engine, engine.tokenizer, name, api_key=args.api_key,
-                     system_prompt=PERSONAS[args.persona] if args.persona else None)
     print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "
           f"chat page at http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
-                log_level="info")
+    serve(engine, engine.tokenizer, name, args.host, args.port, api_key=args.api_key,
+          system_prompt=PERSONAS[args.persona] if args.persona else None, shutdown_timeout=args.shutdown_timeout)
     return 0

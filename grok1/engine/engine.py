@@ -78,6 +78,13 @@ class Engine:
             self.scheduler.cancel(request_id)
         self.wakeup.set()
 
+    def cancel_all(self) -> None:
+        """Cancel every queued and running request (e.g. at the end of a graceful shutdown)."""
+        with self.lock:
+            for request_id in list(self.scheduler.requests):
+                self.scheduler.cancel(request_id)
+        self.wakeup.set()
+
     def stats(self) -> dict:
         with self.lock:
             s = self.scheduler

@@ -127,3 +127,35 @@ def test_serve_then_chat_over_http_and_graceful_shutdown(model_args):
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert "Application shutdown complete" in logs.text
+
+
+def test_shutdown_timeout_cancels_streams_that_run_on(model_args):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "grok1", "serve", *model_args, "--port", str(port),
+                               "--max-seq-len", "2048", "--max-batch", "2", "--shutdown-timeout", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    events = []
+    try:
+        logs = Reader(server)
+        logs.wait_for(lambda t: "Uvicorn running" in t or server.poll() is not None)
+        body = {"model": "tiny-ckpt", "prompt": "Go on forever:", "max_tokens": 2000, "stream": True,
+                "ignore_eos": True}
+
+        def stream():
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                events.extend(line for line in r.iter_lines() if line.startswith("data: "))
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while len(events) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=120) == 0, logs.text[-3000:]  # did not wait for 2000 tokens
+        reader.join(timeout=60)
+    finally:
+        server.kill() if server.poll() is None else None
+    assert events[-1] == "data: [DONE]" and "shutting down" in events[-2], events[-3:]  # ended, not cut off
+    assert len(events) < 1000 and "Traceback" not in logs.text, logs.text[-3000:]
+    assert "Application shutdown complete" in logs.text

@@ -85,6 +85,11 @@ def test_cancel_frees_the_slot_at_the_next_step(small_model):
     while waiting.finish_reason is None:
         eng.step()
     assert eng.stats()["free_slots"] == 1 and not eng.scheduler.has_work()
+    many = [eng.add_request(p, GREEDY) for p in PROMPTS]
+    eng.step()
+    eng.cancel_all()  # the end of a graceful shutdown
+    eng.step()
+    assert {r.finish_reason for r in many} == {"cancelled"} and eng.stats()["free_slots"] == 1
 
 
 def test_prompt_too_long_empty_and_queue_full_are_rejected(small_model):

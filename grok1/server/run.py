@@ -35,7 +35,7 @@ def serve(engine: Engine, tokenizer: Tokenizer, model_name: str, host: str = "12
     """Serve until interrupted (blocks)."""
     app = create_app(engine, tokenizer, model_name, api_key=api_key, system_prompt=system_prompt)
     # uvicorn's own deadline is a backstop only: the engine has cancelled every stream well before it.
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout + 10,
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=int(shutdown_timeout) + 10,
                             log_level="info")
     try:
         _Server(config, engine, shutdown_timeout).run()

@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
     with _bar(conv.planned_bytes(source, args.to, dtype, args.layout)) as bar:
         result = conv.convert(args.src, args.dst, args.to, args.dtype, args.layout, args.config, args.preset,
                               args.tokenizer, int(args.shard_gb * (1 << 30)), bar.update, not args.no_verify)
-    rate = result.bytes_written / max(result.convert_s, 1e-9) / 1e9
+    rate = result.bytes_written / max(result.convert_s, 1e-9) / 1e6
     skipped = f", {len(result.skipped_shards)} finished shards verified and kept" if result.skipped_shards else ""
     verified = f", verified in {result.verify_s:.1f} s" if not args.no_verify else ""
     print(f"wrote {Path(args.dst)} ({result.bytes_written / 1e9:.3f} GB in {result.convert_s:.1f} s, "
-          f"{rate:.2f} GB/s{skipped}{verified})")
+          f"{rate:.0f} MB/s{skipped}{verified})")
     for note in result.notes:
         print(f"note: {note}")
     return 0

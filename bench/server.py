@@ -8,9 +8,9 @@ requests), errors, and `other_cpu_pct` (CPU used by processes other than the ser
 script: the machine is shared). `--soak S` then runs the highest level for S seconds and reports
 errors and the server's RSS at start and end.
 
-    python -m bench.server                                  # golden tiny model from ../shared
-    python -m bench.server --concurrency 1,16 --requests 2 --soak 0
-    python -m bench.server --checkpoint DIR --config JSON --tokenizer MODEL --table
+    python -m bench.server --table                          # the bundled demo model
+    python -m bench.server --golden --concurrency 1,16 --requests 2 --soak 0
+    python -m bench.server --checkpoint DIR --config JSON --tokenizer MODEL
 
 Never imported by grok1/ or tests/.
 """
@@ -162,9 +162,10 @@ def engine_summary(before: dict[str, float], after: dict[str, float]) -> dict:
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "grok1", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--model-name", "bench", "--threads", str(args.threads)]
-    for flag in ("config", "tokenizer", "preset", "dtype"):
+    cmd = [sys.executable, "-m", "grok1", "serve", "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--model-name", "bench",
+           "--threads", str(args.threads)]
+    for flag in ("checkpoint", "config", "tokenizer", "preset", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
@@ -199,9 +200,11 @@ def commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=str(GOLDEN / "tiny-ckpt"), help="default: ../shared/golden/tiny-ckpt")
-    ap.add_argument("--config", default=str(GOLDEN / "tiny-config.json"), help="model config JSON")
-    ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "grok-1" / "tokenizer.model"))
+    ap.add_argument("--checkpoint", help="default: grok1 serve's default, the bundled demo model")
+    ap.add_argument("--golden", action="store_true",
+                    help="bench the golden tiny random model of ../shared/golden (131k vocab) instead")
+    ap.add_argument("--config", help="model config JSON")
+    ap.add_argument("--tokenizer", help="SentencePiece model")
     ap.add_argument("--preset", help="named config instead of --config")
     ap.add_argument("--dtype", help="compute dtype passed to grok1 serve")
     ap.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts (default 1,2,4,8,16)")
@@ -213,13 +216,16 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=60, help="seconds of soak at the highest level (0 = none)")
     ap.add_argument("--table", action="store_true", help="also print a markdown table on stderr")
     args = ap.parse_args()
+    if args.golden:
+        args.checkpoint, args.config = str(GOLDEN / "tiny-ckpt"), str(GOLDEN / "tiny-config.json")
+        args.tokenizer = str(REPO.parent / "shared" / "grok-1" / "tokenizer.model")
     if args.preset:
         args.config = None
     levels = [int(c) for c in args.concurrency.split(",")]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(args, port)
-    base = {"bench": "server", "commit": commit(), "model": Path(args.checkpoint).name, "max_tokens": args.max_tokens,
+    base = {"bench": "server", "commit": commit(), "model": Path(args.checkpoint or "grok-1-mini").name, "max_tokens": args.max_tokens,
             "max_batch": args.max_batch, "threads": args.threads, "cpus": os.cpu_count()}
     rows = []
     try:

@@ -52,3 +52,23 @@ def test_bundled_model_knows_austen(capsys):
     result = json.loads(capsys.readouterr().out)
     nats = -result["total_logprob"] / len(result["token_logprobs"])
     assert nats < 4.0, nats
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_fine_tunes_the_bundled_model_by_default(tmp_path, capsys, restore_threads):
+    """`grok1 train` without a model source: LoRA on the bundled int8 model, its tokenizer found next to it."""
+    text = tmp_path / "letters.txt"
+    text.write_text("My dear Jane, I am sure you will be glad to hear that we are all well.\n\n" * 40)
+    assert main(["train", "--data", str(text), "--out", str(tmp_path / "ft"), "--lora-rank", "2", "--max-steps", "2",
+                 "--seq-len", "32", "--batch-size", "2", "--warmup-steps", "1", "--save-every", "2",
+                 "--eval-every", "2", "--threads", "1", "--no-progress"]) == 0
+    assert (tmp_path / "ft" / "step-0000002" / "adapter.safetensors").is_file()
+    assert "trainable parameters" in capsys.readouterr().out

@@ -26,6 +26,7 @@ from grok1.train.loop import TrainConfig, train
 from grok1.train.plot import plot_run
 from grok1.train.tokenizer import train_tokenizer
 from grok1.weights.load import load_model, resolve_config, save_model
+from grok1.weights.safetensors import write_atomic
 
 # Options that may change when a run is resumed (they do not affect the losses).
 RUNTIME = ("threads", "progress", "resume", "action", "run", "command")
@@ -200,8 +201,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shards = [cached_tokens(texts, tok, out, args.progress)] if texts else []
     data = TokenData(load_shards(shards + npys), cfg.seq_len, cfg.heldout_fraction, 0, cfg.seed)
-    (out / "options.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k not in RUNTIME},
-                                                 indent=1, default=str) + "\n")
+    options = {k: v for k, v in vars(args).items() if k not in RUNTIME}
+    write_atomic(out / "options.json", (json.dumps(options, indent=1, default=str) + "\n").encode())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{len(data.train)} training / {len(data.heldout)} held-out sequences of {cfg.seq_len} tokens; "
           f"{n_train:,} trainable parameters")

@@ -157,9 +157,12 @@ def stage_export(work: Path, run: Path, tok: Path, threads: int) -> dict:
     for i, prompt in enumerate(PROMPTS):
         params = SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_new_tokens=80)
         t0 = time.perf_counter()
-        c = generate(model, [tokenizer.encode(prompt)], [params], tokenizer)[0]
+        ids = tokenizer.encode(prompt)
+        c = generate(model, [ids], [params], tokenizer)[0]
         dt = time.perf_counter() - t0
-        samples.append({"prompt": prompt, "text": c.text, "tokens": len(c.token_ids),
+        # Decode the continuation in context: decoding it alone drops the space of its first piece.
+        text = tokenizer.decode(ids + c.token_ids)[len(tokenizer.decode(ids)) :]
+        samples.append({"prompt": prompt, "text": text, "tokens": len(c.token_ids),
                         "tokens_per_s": len(c.token_ids) / dt})
     summary["samples"] = samples
     DOCS.mkdir(exist_ok=True)

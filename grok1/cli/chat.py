@@ -119,13 +119,16 @@ def partial_local(engine: Engine) -> Reply:
                                 max_new_tokens=min(s["max_tokens"], room))
         outputs: queue.Queue[Output] = queue.Queue()
         req = engine.add_request(prompt, params, on_output=outputs.put)
+        started = False  # the reply's leading space (after "Assistant:") is dropped
         try:
             while True:
                 try:
                     out = outputs.get(timeout=0.1)  # a timeout keeps Ctrl-C responsive
                 except queue.Empty:
                     continue
-                yield out.text
+                text = out.text if started else out.text.lstrip()
+                started = started or bool(text)
+                yield text
                 if out.finish_reason is not None:
                     return
         finally:

@@ -232,12 +232,15 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
 
         if body.stream:
             async def events() -> AsyncIterator[str]:
+                started = [False] * body.n  # the reply's leading space (after "Assistant:") is dropped
                 for i in range(body.n):
                     yield p.sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
                 async for i, out in stream_outputs(job):
                     reason = p.finish_reason(out.finish_reason)
-                    delta = {"content": out.text} if out.text or not reason else {}
+                    text = out.text if started[i] else out.text.lstrip()
+                    started[i] = started[i] or bool(text)
+                    delta = {"content": text} if text or not reason else {}
                     yield p.sse(head | {"choices": [{"index": i, "delta": delta, "logprobs": logprobs(out.logprobs),
                                                      "finish_reason": reason}]})
                 async for tail in stream_tail(job, head, body):
@@ -246,7 +249,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             return StreamingResponse(events(), media_type="text/event-stream")
         await collect(job, request)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text.lstrip()},
                              "logprobs": logprobs(c.logprobs), "finish_reason": p.finish_reason(c.finish_reason)}
                             for i, c in enumerate(job.choices)],
                 "usage": job_usage(job, body.n)}

@@ -109,10 +109,16 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
 
 
 async def run_level(url: str, model: str, clients: int, requests: int | None, seconds: float | None,
-                    max_tokens: int) -> tuple[list[dict], float]:
-    """`clients` concurrent loops, each doing `requests` requests (or until `seconds` pass)."""
+                    max_tokens: int, rss_pid: int | None = None) -> tuple[list[dict], float]:
+    """`clients` concurrent loops, each doing `requests` requests (or until `seconds` pass); with `rss_pid`,
+    that process's RSS is sampled every 10 s into results as {"rss_mb": ...} entries."""
     results: list[dict] = []
     deadline = time.perf_counter() + seconds if seconds else None
+
+    async def sample_rss() -> None:
+        while rss_pid is not None and deadline is not None and time.perf_counter() < deadline - 5:
+            await asyncio.sleep(10)
+            results.append({"rss_mb": rss_mb(rss_pid)})
 
     async def loop(client: httpx.AsyncClient) -> None:
         n = 0
@@ -123,7 +129,7 @@ async def run_level(url: str, model: str, clients: int, requests: int | None, se
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(loop(client) for _ in range(clients)))
+        await asyncio.gather(sample_rss(), *(loop(client) for _ in range(clients)))
         return results, time.perf_counter() - t0
 
 
@@ -132,6 +138,7 @@ def ms(seconds: float | None) -> float | None:
 
 
 def summarize(results: list[dict], wall: float) -> dict:
+    results = [r for r in results if "rss_mb" not in r]
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
@@ -241,10 +248,11 @@ def main() -> None:
             c = max(levels)
             rss_start = rss_mb(server.pid)
             meter = CpuMeter(server.pid)
-            results, wall = asyncio.run(run_level(url, "bench", c, None, args.soak, args.max_tokens))
+            results, wall = asyncio.run(run_level(url, "bench", c, None, args.soak, args.max_tokens, server.pid))
             health = httpx.get(url + "/health", timeout=10).json()
             soak = base | {"soak_s": args.soak, "clients": c} | summarize(results, wall) | {
-                "rss_start_mb": rss_start, "rss_end_mb": rss_mb(server.pid), "health": health["status"],
+                "rss_start_mb": rss_start, "rss_end_mb": rss_mb(server.pid),
+                "rss_every_10s_mb": [r["rss_mb"] for r in results if "rss_mb" in r], "health": health["status"],
                 "running_after": health["running"], "other_cpu_pct": meter.other_pct(),
                 "loadavg_1m": os.getloadavg()[0]}
             print(json.dumps(soak), flush=True)

@@ -57,7 +57,10 @@ def cpu_ops() -> ModuleType | None:
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether `linear` runs the compiled kernel for these operands (CPU, float32 activations, built)."""
+    """Whether `linear` runs the compiled kernel for these operands (CPU, float32 activations, no
+    gradient needed, built)."""
+    if torch.is_grad_enabled() and x.requires_grad:  # the compiled op has no backward: training takes torch's path
+        return False
     return x.device.type == "cpu" and x.dtype == torch.float32 and weight.device.type == "cpu" and cpu_ops() is not None
 
 

@@ -64,3 +64,15 @@ def test_prefill_gemm_under_inference_mode(ops):
         x = torch.randn(40, 64)
         y = kernels.linear(x, w, s)
     torch.testing.assert_close(y, x @ unpack(w, s, torch.float32).T, atol=1e-4, rtol=1e-5)
+
+
+def test_backward_through_stored_weights_takes_the_torch_path(ops):
+    """The compiled op has no backward: with gradients flowing into x, torch's path is used (this crashed once)."""
+    w, s = pack(torch.randn(12, 32), "int8")
+    x = torch.randn(3, 32, requires_grad=True)
+    from grok1.quant import QLinear
+
+    layer = QLinear(32, 12)
+    layer.weight, layer.scales = w, s
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, unpack(w, s, torch.float32).sum(0).expand(3, -1))

@@ -35,11 +35,18 @@ def decode_step(model: Transformer, cache: KVCache, tokens: Tensor, pos: Tensor)
     return model(tokens[:, None], pos, cache)[:, 0]
 
 
+CONTEXT_IDS = 16  # prompt ids replayed into a TextStream's decoder: enough to reach a piece boundary
+
+
 class TextStream:
     """Incremental text of one request, holding back anything that might begin a stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], context: Sequence[int] = ()) -> None:
+        """`context`: the prompt ids. The continuation is decoded after them, so a first piece like
+        "▁may" gives " may" (decoded alone, SentencePiece would drop that leading space)."""
         self.decoder = StreamDecoder(tokenizer)
+        for token in context[-CONTEXT_IDS:]:
+            self.decoder.push(token)  # primes the decoder; the prompt's own text is not emitted
         self.stop = [s for s in stop if s]
         self.text = ""  # all text decoded so far
         self.emitted = 0  # characters of `text` already handed out
@@ -102,7 +109,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
     max_len = min(cfg.max_seq_len, max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params)))
     cache = model.new_cache(len(prompts), max_len)
     generators = make_generators(params, device)
-    streams = [TextStream(tokenizer, sp.stop) if tokenizer else None for sp in params]
+    streams = [TextStream(tokenizer, sp.stop, p) if tokenizer else None for p, sp in zip(prompts, params)]
     done = [Completion(list(p)) for p in prompts]
     pos = torch.tensor([len(p) for p in prompts], device=device)
 

@@ -109,7 +109,7 @@ class Scheduler:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
         if req.id in self.requests:
             raise ValueError(f"request id {req.id!r} is already in use")
-        req.stream = TextStream(self.tokenizer, req.params.stop) if self.tokenizer else None
+        req.stream = TextStream(self.tokenizer, req.params.stop, req.prompt_ids) if self.tokenizer else None
         if req.params.seed is not None:
             req.generator = torch.Generator().manual_seed(req.params.seed)
         self.waiting.append(req)

@@ -124,3 +124,13 @@ def test_score_is_log_softmax_of_next_token(small_model):
     assert result["top_ids"][0][0] == int(logp[0].argmax())
     with pytest.raises(ValueError):
         score(small_model, [5])
+
+
+def test_continuation_keeps_its_leading_space(tok):
+    """Decoded after the prompt, a first piece "▁word" gives " word" (alone it would lose the space)."""
+    prompt = tok.encode("She was rich,")
+    cont = tok.encode("She was rich, and happy")[len(prompt):]
+    stream = TextStream(tok, [], prompt)
+    text = "".join(stream.push(t) for t in cont) + stream.finish()
+    assert text == " and happy"
+    assert tok.decode(prompt + cont) == tok.decode(prompt) + text

@@ -60,7 +60,12 @@ class Engine:
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
                     logprobs: int | None = None, on_output: Callable[[Output], None] | None = None) -> Request:
-        """Queue a prompt. Raises ValueError (prompt empty or too long for the context) or QueueFull."""
+        """Queue a prompt. Raises ValueError (prompt empty, too long for the context, or an id outside the
+        vocabulary) or QueueFull."""
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
         req = Request(list(prompt_ids), params, logprobs=logprobs if logprobs is not None else
                       (params.logprobs or None), on_output=on_output)
         if request_id is not None:

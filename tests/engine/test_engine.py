@@ -98,6 +98,8 @@ def test_prompt_too_long_empty_and_queue_full_are_rejected(small_model):
         eng.add_request(list(range(5, 21)), GREEDY)
     with pytest.raises(ValueError, match="empty"):
         eng.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        eng.add_request([5, small_model.config.vocab_size], GREEDY)
     eng.add_request([5], GREEDY)
     eng.add_request([5], GREEDY)
     with pytest.raises(QueueFull):

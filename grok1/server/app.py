@@ -68,7 +68,8 @@ class Job:
             raise p.APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error", code="queue_full")
         except ValueError as e:
             self.cancel()
-            raise p.APIError(400, str(e), param=param, code="context_length_exceeded")
+            code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
+            raise p.APIError(400, str(e), param=param, code=code)
         except RuntimeError as e:
             self.cancel()
             raise p.APIError(503, str(e), "server_error", code="shutting_down")

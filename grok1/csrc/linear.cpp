@@ -129,6 +129,39 @@ inline void row_dots(const float* x, int64_t ldx, const Weights& W, int64_t n, f
   }
 }
 
+// One activation row against NR weight rows at once (decode): NR independent weight streams and
+// accumulator chains, each activation vector loaded once for all of them.
+template <int NR, Fmt F>
+inline void rows_dot(const float* x, const Weights& W, int64_t n, float* out) {
+  const int64_t kg = W.K / W.G;
+  const uint8_t* rows[NR];
+  for (int j = 0; j < NR; ++j) rows[j] = static_cast<const uint8_t*>(W.w) + (n + j) * W.row_bytes, out[j] = 0.f;
+  for (int64_t g = 0; g < W.G; ++g) {
+    const int64_t k0 = g * kg, k1 = k0 + kg;
+    float part[NR];
+    int64_t k = k0;
+#ifdef GROK1_AVX2
+    __m256 acc[NR][2];
+    for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for (; k + 16 <= k1; k += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      for (int j = 0; j < NR; ++j) {
+        __m256 w0, w1;
+        load16<F>(rows[j], k, w0, w1);
+        acc[j][0] = _mm256_fmadd_ps(x0, w0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(x1, w1, acc[j][1]);
+      }
+    }
+    for (int j = 0; j < NR; ++j) part[j] = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+#else
+    for (int j = 0; j < NR; ++j) part[j] = 0.f;
+#endif
+    for (; k < k1; ++k)
+      for (int j = 0; j < NR; ++j) part[j] += x[k] * weight_at(W, n + j, k);
+    for (int j = 0; j < NR; ++j) out[j] += scale_of(W, n + j, g) * part[j];
+  }
+}
+
 template <Fmt F>
 void gemv_rows(const float* x, int64_t M, const Weights& W, float* y, int64_t n0, int64_t n1) {
   const int64_t K = W.K, N = W.N;
@@ -144,17 +177,30 @@ void gemv_rows(const float* x, int64_t M, const Weights& W, float* y, int64_t n0
       row_dots<2, F>(x + m * K, K, W, n, out);
       for (int r = 0; r < 2; ++r) y[(m + r) * N + n] = out[r];
     }
-  for (; m < M; ++m)
-    for (int64_t n = n0; n < n1; ++n) {
+  for (; m < M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+      rows_dot<4, F>(x + m * K, W, n, out);
+      for (int j = 0; j < 4; ++j) y[m * N + n + j] = out[j];
+    }
+    for (; n < n1; ++n) {
       row_dots<1, F>(x + m * K, K, W, n, out);
       y[m * N + n] = out[0];
     }
+  }
 }
 
-// Small M: stream the weights once, in dynamic chunks of ~64 KB so that on a shared machine a
+#ifndef CHUNK_KB
+#define CHUNK_KB 512
+#endif
+
+// Small M: stream the weights once, in dynamic chunks (up to CHUNK_KB) so that on a shared machine a
 // descheduled thread's work is taken over instead of stalling the call at the barrier.
 void gemv(const float* x, int64_t M, const Weights& W, float* y) {
-  const int64_t chunk = std::max<int64_t>(8, (64 * 1024) / std::max<int64_t>(W.row_bytes, 1));
+  // Large chunks keep each thread's reads sequential for the prefetchers; at least 4 chunks per thread.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_bytes = (CHUNK_KB * 1024) / std::max<int64_t>(W.row_bytes, 1);
+  const int64_t chunk = std::max<int64_t>(4, std::min(by_bytes, (W.N + 4 * threads - 1) / (4 * threads)));
   const int64_t n_chunks = (W.N + chunk - 1) / chunk;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (n_chunks > 1)
   for (int64_t c = 0; c < n_chunks; ++c) {

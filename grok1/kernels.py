@@ -71,3 +71,10 @@ def linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
         return None
     y = cpu_ops().linear(x.reshape(-1, x.shape[-1]), weight, scales, GEMM_MIN_ROWS)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def experts(x_RD: Tensor, counts: list[int], w: tuple[Tensor, ...], scales: tuple[Tensor, ...]) -> Tensor:
+    """All experts of a layer in one compiled call: rows x_RD [R, D] sorted by expert, counts[e] rows
+    for expert e; w = (w1, w3, w2) stacked [E, ., .] in any stored format, scales likewise.
+    The caller checks `applies` first."""
+    return cpu_ops().experts(x_RD, counts, w[0], scales[0], w[1], scales[1], w[2], scales[2], GEMM_MIN_ROWS)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from grok1.engine.cache import clear_slot
-from grok1.engine.sampling import SamplingParams, logprobs, params_to_tensors, sample
+from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob
 from grok1.model import Transformer
 from grok1.tokenizer import Tokenizer
@@ -142,16 +142,8 @@ class Engine:
         return self.model(tokens, pos, self.cache, cache_rows=rows)[:, 0]  # [B, V]
 
     def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:
-        """Greedy rows take the argmax (what sample() gives them, without its full-vocab sorts);
-        the others go through sample() with their own generators."""
-        tokens = logits.argmax(dim=-1)  # [B]
-        rows = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
-        if rows:
-            params = [reqs[i].params for i in rows]
-            t, p, k = params_to_tensors(params, self.device)
-            idx = torch.tensor(rows, device=self.device)
-            tokens[idx] = sample(logits[idx], t, p, k, [reqs[i].generator for i in rows])
-        return tokens
+        """One token per request, with its own SamplingParams and generator (greedy rows: argmax)."""
+        return sample_requests(logits, [r.params for r in reqs], [r.generator for r in reqs])
 
     def _logprobs(self, logits: Tensor, tokens: Tensor, reqs: list[Request]) -> list[TokenLogprob | None]:
         rows = [i for i, r in enumerate(reqs) if r.logprobs is not None]

@@ -24,7 +24,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "linear.cpp"
 
 # Rows of activations from which the matmul dequantises weight tiles and uses BLAS (compute-bound
 # prefill) instead of streaming the weights through the register kernel (memory-bound decode).
-GEMM_MIN_ROWS = 16
+GEMM_MIN_ROWS = 32
 
 
 def _cpu_tag() -> str:
@@ -73,8 +73,8 @@ def linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def experts(x_RD: Tensor, counts: list[int], w: tuple[Tensor, ...], scales: tuple[Tensor, ...]) -> Tensor:
-    """All experts of a layer in one compiled call: rows x_RD [R, D] sorted by expert, counts[e] rows
-    for expert e; w = (w1, w3, w2) stacked [E, ., .] in any stored format, scales likewise.
-    The caller checks `applies` first."""
-    return cpu_ops().experts(x_RD, counts, w[0], scales[0], w[1], scales[1], w[2], scales[2], GEMM_MIN_ROWS)
+def experts(x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor, w: tuple[Tensor, ...], scales: tuple[Tensor, ...]) -> Tensor:
+    """The experts of a MoE layer in one compiled call: token t of x_ND [N, D] goes to experts idx_NA[t]
+    with weights gate_NA[t] (float32); w = (w1, w3, w2) stacked [E, ., .] in any stored format, scales
+    likewise. Returns [N, D]. The caller checks `applies` first."""
+    return cpu_ops().experts(x_ND, idx_NA, gate_NA, w[0], scales[0], w[1], scales[1], w[2], scales[2], GEMM_MIN_ROWS)

@@ -140,25 +140,8 @@ class QExperts(nn.Module):
     def forward(self, x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor) -> Tensor:
         if not kernels.applies(x_ND, self.w1):
             return route_to_experts(self.expert_weights, x_ND, idx_NA, gate_NA, self.n_experts)
-        if x_ND.shape[0] == 1:  # decode: just the chosen experts, no sorting
-            y = torch.zeros_like(x_ND)
-            for gate, e in zip(gate_NA[0], idx_NA[0].tolist()):
-                y += gate * self._expert(e, x_ND)
-            return y
-        # Group (token, slot) rows by expert: each chosen expert's weights are read once per call.
-        A = idx_NA.shape[1]
-        order = idx_NA.flatten().argsort(stable=True)  # [N*A]
-        counts = torch.bincount(idx_NA.flatten(), minlength=self.n_experts).tolist()
-        token = order // A
-        x_RD = x_ND[token]  # [N*A, D] sorted by expert
-        y_RD = kernels.experts(x_RD, counts, (self.w1, self.w3, self.w2), (self.s1, self.s3, self.s2))
-        return torch.zeros_like(x_ND).index_add_(0, token, y_RD * gate_NA.flatten()[order, None])
-
-    def _expert(self, e: int, x: Tensor) -> Tensor:
-        """Expert e on rows x [M, D]: (gelu(x w1^T) * (x w3^T)) w2^T, each matmul in the kernel."""
-        h = F.gelu(_matmul(x, self.w1[e], self._scales("1", e)), approximate="tanh")
-        h = h * _matmul(x, self.w3[e], self._scales("3", e))
-        return _matmul(h, self.w2[e], self._scales("2", e))
+        # One compiled call: routing, each chosen expert once on all its rows, the gated sum.
+        return kernels.experts(x_ND, idx_NA, gate_NA.float(), (self.w1, self.w3, self.w2), (self.s1, self.s3, self.s2))
 
 
 class QEmbedding(nn.Module):

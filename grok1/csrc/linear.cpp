@@ -47,19 +47,94 @@ inline float scale_of(const Weights& W, int64_t n, int64_t g) {
   return 1.f;
 }
 
+template <Fmt F>
+inline float weight_at(const uint8_t* row, int64_t k) {  // scalar, unscaled
+  if constexpr (F == Fmt::I8) {
+    return static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
+  } else if constexpr (F == Fmt::I4) {
+    const int64_t b = k / 32, j = k % 32;
+    const uint8_t byte = row[b * 16 + (j & 15)];
+    return static_cast<float>((j < 16 ? byte & 15 : byte >> 4)) - 8.f;
+  } else if constexpr (F == Fmt::BF16) {
+    return bf16_to_float(reinterpret_cast<const uint16_t*>(row)[k]);
+  } else {
+    return reinterpret_cast<const float*>(row)[k];
+  }
+}
+
 inline float weight_at(const Weights& W, int64_t n, int64_t k) {  // scalar, unscaled
   const auto* row = static_cast<const uint8_t*>(W.w) + n * W.row_bytes;
   switch (W.fmt) {
-    case Fmt::I8: return static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
-    case Fmt::I4: {
-      const int64_t b = k / 32, j = k % 32;
-      const uint8_t byte = row[b * 16 + (j & 15)];
-      return static_cast<float>((j < 16 ? byte & 15 : byte >> 4)) - 8.f;
-    }
-    case Fmt::BF16: return bf16_to_float(reinterpret_cast<const uint16_t*>(row)[k]);
-    case Fmt::F32: return reinterpret_cast<const float*>(row)[k];
+    case Fmt::I8: return weight_at<Fmt::I8>(row, k);
+    case Fmt::I4: return weight_at<Fmt::I4>(row, k);
+    case Fmt::BF16: return weight_at<Fmt::BF16>(row, k);
+    case Fmt::F32: return weight_at<Fmt::F32>(row, k);
   }
   return 0.f;
+}
+
+// ---- 8-lane float vectors: AVX2 registers, or plain arrays elsewhere (same arithmetic per lane) ----
+#ifdef GROK1_AVX2
+struct V8 { __m256 v; };
+inline V8 v_zero() { return {_mm256_setzero_ps()}; }
+inline V8 v_load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void v_store(float* p, V8 a) { _mm256_storeu_ps(p, a.v); }
+inline V8 v_set1(float s) { return {_mm256_set1_ps(s)}; }
+inline V8 v_fma(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline float v_hsum(V8 a) {
+  __m128 lo = _mm256_castps256_ps128(a.v), hi = _mm256_extractf128_ps(a.v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+#else
+struct V8 { float f[8]; };
+inline V8 v_zero() { return V8{}; }
+inline V8 v_load(const float* p) { V8 r; std::memcpy(r.f, p, sizeof r.f); return r; }
+inline void v_store(float* p, V8 a) { std::memcpy(p, a.f, sizeof a.f); }
+inline V8 v_set1(float s) { V8 r; for (float& f : r.f) f = s; return r; }
+inline V8 v_fma(V8 a, V8 b, V8 c) { for (int i = 0; i < 8; ++i) c.f[i] = std::fma(a.f[i], b.f[i], c.f[i]); return c; }
+inline float v_hsum(V8 a) {  // the same pairing as the AVX2 version
+  float q[4];
+  for (int i = 0; i < 4; ++i) q[i] = a.f[i] + a.f[i + 4];
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+#endif
+
+// 8 unscaled weights of a row, inputs k..k+7 (int4: k % 8 == 0). Reads stay inside the row's bytes.
+template <Fmt F>
+inline V8 load8(const uint8_t* row, int64_t k) {
+#ifdef GROK1_AVX2
+  if constexpr (F == Fmt::I8) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))};
+  } else if constexpr (F == Fmt::I4) {
+    const int64_t j = k & 31;
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (k >> 5) * 16 + (j & 15)));
+    const __m128i nib = j < 16 ? _mm_and_si128(bytes, _mm_set1_epi8(15))
+                               : _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
+    return {_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8)))};
+  } else if constexpr (F == Fmt::BF16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))};
+  } else {
+    return {_mm256_loadu_ps(reinterpret_cast<const float*>(row) + k)};
+  }
+#else
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.f[i] = weight_at<F>(row, k + i);
+  return r;
+#endif
+}
+
+// load8, but lanes past the end of the row (input K and beyond) read as 0.
+template <Fmt F>
+inline V8 load8_tail(const uint8_t* row, int64_t k, int64_t K) {
+  if (k + 8 <= K) return load8<F>(row, k);
+  alignas(32) float tmp[8];
+  for (int i = 0; i < 8; ++i) tmp[i] = k + i < K ? weight_at<F>(row, k + i) : 0.f;
+  return v_load(tmp);
 }
 
 #ifdef GROK1_AVX2
@@ -97,15 +172,26 @@ inline void load16(const uint8_t* row, int64_t k, __m256& a, __m256& b) {
 }
 #endif
 
+// Both dot-product kernels below compute out = hsum(sum_g s_g * (acc0_g + acc1_g)) + sum_g s_g * tail_g in
+// exactly the same order (acc0/acc1: 8-lane partial sums over the group's inputs, tail_g: the inputs
+// after the last whole 8), so a row of activations gets bit-identical results whichever kernel runs it,
+// i.e. whatever other rows share the call. Scales are applied per group as a vector, not after a
+// horizontal sum per group: groups are cheap (int4 has one per 32 inputs).
+
 // out[r] = sum_k x[r, k] * W[n, k] (scaled) for MR rows of x.
 template <int MR, Fmt F>
 inline void row_dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float* out) {
   const auto* row = static_cast<const uint8_t*>(W.w) + n * W.row_bytes;
   const int64_t kg = W.K / W.G;
-  for (int r = 0; r < MR; ++r) out[r] = 0.f;
+  float tail_tot[MR];
+  for (int r = 0; r < MR; ++r) tail_tot[r] = 0.f;
+#ifdef GROK1_AVX2
+  __m256 tot[MR];
+  for (int r = 0; r < MR; ++r) tot[r] = _mm256_setzero_ps();
+#endif
   for (int64_t g = 0; g < W.G; ++g) {
     const int64_t k0 = g * kg, k1 = k0 + kg;
-    float part[MR];
+    const float s = scale_of(W, n, g);
     int64_t k = k0;
 #ifdef GROK1_AVX2
     __m256 acc[MR][2];
@@ -118,17 +204,27 @@ inline void row_dots(const float* x, int64_t ldx, const Weights& W, int64_t n, f
         acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k + 8), w1, acc[r][1]);
       }
     }
-    for (int r = 0; r < MR; ++r) part[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-#else
-    for (int r = 0; r < MR; ++r) part[r] = 0.f;
+    if (F != Fmt::I4 && k + 8 <= k1) {  // a group that is not a multiple of 16 inputs: one 8-wide step
+      const __m256 w0 = load8<F>(row, k).v;
+      for (int r = 0; r < MR; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k), w0, acc[r][0]);
+      k += 8;
+    }
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int r = 0; r < MR; ++r) tot[r] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[r][0], acc[r][1]), tot[r]);
 #endif
+    float tail[MR];
+    for (int r = 0; r < MR; ++r) tail[r] = 0.f;
     for (; k < k1; ++k) {
       const float w = weight_at(W, n, k);
-      for (int r = 0; r < MR; ++r) part[r] += x[r * ldx + k] * w;
+      for (int r = 0; r < MR; ++r) tail[r] += x[r * ldx + k] * w;
     }
-    const float s = scale_of(W, n, g);
-    for (int r = 0; r < MR; ++r) out[r] += s * part[r];
+    for (int r = 0; r < MR; ++r) tail_tot[r] += s * tail[r];
   }
+#ifdef GROK1_AVX2
+  for (int r = 0; r < MR; ++r) out[r] = hsum(tot[r]) + tail_tot[r];
+#else
+  for (int r = 0; r < MR; ++r) out[r] = tail_tot[r];
+#endif
 }
 
 // One activation row against NR weight rows at once (decode): NR independent weight streams and
@@ -137,10 +233,15 @@ template <int NR, Fmt F>
 inline void rows_dot(const float* x, const Weights& W, int64_t n, float* out) {
   const int64_t kg = W.K / W.G;
   const uint8_t* rows[NR];
-  for (int j = 0; j < NR; ++j) rows[j] = static_cast<const uint8_t*>(W.w) + (n + j) * W.row_bytes, out[j] = 0.f;
+  for (int j = 0; j < NR; ++j) rows[j] = static_cast<const uint8_t*>(W.w) + (n + j) * W.row_bytes;
+  float tail_tot[NR];
+  for (int j = 0; j < NR; ++j) tail_tot[j] = 0.f;
+#ifdef GROK1_AVX2
+  __m256 tot[NR];
+  for (int j = 0; j < NR; ++j) tot[j] = _mm256_setzero_ps();
+#endif
   for (int64_t g = 0; g < W.G; ++g) {
     const int64_t k0 = g * kg, k1 = k0 + kg;
-    float part[NR];
     int64_t k = k0;
 #ifdef GROK1_AVX2
     __m256 acc[NR][2];
@@ -154,14 +255,25 @@ inline void rows_dot(const float* x, const Weights& W, int64_t n, float* out) {
         acc[j][1] = _mm256_fmadd_ps(x1, w1, acc[j][1]);
       }
     }
-    for (int j = 0; j < NR; ++j) part[j] = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
-#else
-    for (int j = 0; j < NR; ++j) part[j] = 0.f;
+    if (F != Fmt::I4 && k + 8 <= k1) {  // the same 8-wide step as row_dots: identical results
+      const __m256 x0 = _mm256_loadu_ps(x + k);
+      for (int j = 0; j < NR; ++j) acc[j][0] = _mm256_fmadd_ps(x0, load8<F>(rows[j], k).v, acc[j][0]);
+      k += 8;
+    }
+    for (int j = 0; j < NR; ++j)
+      tot[j] = _mm256_fmadd_ps(_mm256_set1_ps(scale_of(W, n + j, g)), _mm256_add_ps(acc[j][0], acc[j][1]), tot[j]);
 #endif
+    float tail[NR];
+    for (int j = 0; j < NR; ++j) tail[j] = 0.f;
     for (; k < k1; ++k)
-      for (int j = 0; j < NR; ++j) part[j] += x[k] * weight_at(W, n + j, k);
-    for (int j = 0; j < NR; ++j) out[j] += scale_of(W, n + j, g) * part[j];
+      for (int j = 0; j < NR; ++j) tail[j] += x[k] * weight_at(W, n + j, k);
+    for (int j = 0; j < NR; ++j) tail_tot[j] += scale_of(W, n + j, g) * tail[j];
   }
+#ifdef GROK1_AVX2
+  for (int j = 0; j < NR; ++j) out[j] = hsum(tot[j]) + tail_tot[j];
+#else
+  for (int j = 0; j < NR; ++j) out[j] = tail_tot[j];
+#endif
 }
 
 template <Fmt F>
@@ -216,9 +328,24 @@ void gemv(const float* x, int64_t M, const Weights& W, float* y) {
   }
 }
 
+// One weight row, scaled, into K floats (for the BLAS path).
+template <Fmt F>
+void dequant_row(const Weights& W, int64_t n, float* dst) {
+  const auto* row = static_cast<const uint8_t*>(W.w) + n * W.row_bytes;
+  const int64_t kg = W.K / W.G;
+  for (int64_t g = 0; g < W.G; ++g) {
+    const float s = scale_of(W, n, g);
+    const V8 sv = v_set1(s);
+    int64_t k = g * kg;
+    const int64_t end = k + kg;
+    for (; k + 8 <= end && (F != Fmt::I4 || k % 8 == 0); k += 8) v_store(dst + k, v_fma(sv, load8<F>(row, k), v_zero()));
+    for (; k < end; ++k) dst[k] = weight_at<F>(row, k) * s;
+  }
+}
+
 // Large M: dequantise a tile of weight rows (exact float32 products), multiply with BLAS.
 void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
-  const int64_t K = W.K, N = W.N, kg = K / W.G;
+  const int64_t K = W.K, N = W.N;
   const int64_t tile = std::max<int64_t>(16, (256 * 1024) / (K * 4) / 16 * 16);  // ~256 KB of float32 rows
   const int64_t n_tiles = (N + tile - 1) / tile;
   const at::ThreadLocalState state;  // inference mode, grad mode...: worker threads must see the caller's
@@ -232,10 +359,11 @@ void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < n_tiles; ++t) {
         const int64_t n0 = t * tile, rows = std::min(tile, N - n0);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t g = 0; g < W.G; ++g) {
-            const float s = scale_of(W, n0 + r, g);
-            for (int64_t k = g * kg; k < (g + 1) * kg; ++k) wp[r * K + k] = weight_at(W, n0 + r, k) * s;
+        for (int64_t r = 0; r < rows; ++r) switch (W.fmt) {
+            case Fmt::I8: dequant_row<Fmt::I8>(W, n0 + r, wp + r * K); break;
+            case Fmt::I4: dequant_row<Fmt::I4>(W, n0 + r, wp + r * K); break;
+            case Fmt::BF16: dequant_row<Fmt::BF16>(W, n0 + r, wp + r * K); break;
+            case Fmt::F32: dequant_row<Fmt::F32>(W, n0 + r, wp + r * K); break;
           }
         torch::Tensor out = y.narrow(1, n0, rows);
         at::mm_out(out, x, buf.narrow(0, 0, rows).t());
@@ -248,14 +376,10 @@ void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
   if (error) std::rethrow_exception(error);
 }
 
-}  // namespace
-
-// y = x @ W.T for x float32 [M, K]; w and scales as described at the top (scales unused for bf16/fp32).
-torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t gemm_min_rows) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat, "linear: x float32 [M, K], w 2-D");
-  x = x.contiguous();
-  w = w.contiguous();
-  const int64_t K = x.size(1), N = w.size(0);
+// The kernel's view of a stored weight w (contiguous) with its scales (contiguous), for inputs of size K.
+Weights weights_of(const torch::Tensor& w, const torch::Tensor& scales, int64_t K) {
+  TORCH_CHECK(w.dim() == 2, "weights must be 2-D [N, K]");
+  const int64_t N = w.size(0);
   Weights W{Fmt::F32, w.data_ptr(), 0, nullptr, N, K, 1};
   switch (w.scalar_type()) {
     case at::kChar:
@@ -272,50 +396,149 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int
     default: TORCH_CHECK(false, "linear: weights must be int8, uint8 (int4), bfloat16 or float32");
   }
   if (W.fmt != Fmt::I4) TORCH_CHECK(w.size(1) == K, "linear: w must be [N, K] with K = x.size(1)");
-  torch::Tensor s_c;
   if (W.fmt == Fmt::I8 || W.fmt == Fmt::I4) {
-    TORCH_CHECK(scales.scalar_type() == at::kBFloat16, "linear: scales must be bfloat16");
-    s_c = scales.contiguous();
-    W.s = reinterpret_cast<const uint16_t*>(s_c.data_ptr<at::BFloat16>());
+    TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), "linear: scales must be bfloat16");
+    W.s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   }
-  torch::Tensor y = torch::empty({x.size(0), N}, x.options());
+  return W;
+}
+
+// h[i] = gelu_tanh(h[i]) * u[i], with gelu_tanh(v) = v * sigmoid(2 z), z = sqrt(2 / pi) (v + 0.044715 v^3)
+// (the same function as 0.5 v (1 + tanh(z))).
+void gelu_mul(float* h, const float* u, int64_t n) {
+  int64_t i = 0;
+#ifdef GROK1_AVX2
+  const __m256 c1 = _mm256_set1_ps(-2.f * 0.7978845608028654f), c3 = _mm256_set1_ps(-2.f * 0.7978845608028654f * 0.044715f);
+  const __m256 one = _mm256_set1_ps(1.f), lo = _mm256_set1_ps(-87.f), hi = _mm256_set1_ps(87.f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), ln2_hi = _mm256_set1_ps(0.693359375f),
+               ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(h + i);
+    // e = exp(-2 z), z as above: a Cephes-style exp (range reduction by ln 2, degree-6 polynomial)
+    __m256 x = _mm256_mul_ps(v, _mm256_fmadd_ps(_mm256_mul_ps(v, v), c3, c1));
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, ln2_hi, x);
+    r = _mm256_fnmadd_ps(fx, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    const __m256i e2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(e2));
+    const __m256 g = _mm256_div_ps(v, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(h + i, _mm256_mul_ps(g, _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = h[i];
+    const float z = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+    h[i] = v / (1.f + std::exp(std::min(87.f, std::max(-87.f, -2.f * z)))) * u[i];
+  }
+}
+
+}  // namespace
+
+// y = x @ W.T for x float32 [M, K]; w and scales as described at the top (scales unused for bf16/fp32).
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t gemm_min_rows) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat, "linear: x float32 [M, K], w 2-D");
+  x = x.contiguous();
+  w = w.contiguous();
+  scales = scales.contiguous();
+  const Weights W = weights_of(w, scales, x.size(1));
+  torch::Tensor y = torch::empty({x.size(0), W.N}, x.options());
+  if (x.size(0) == 0) return y;
   if (x.size(0) >= gemm_min_rows) tiled_gemm(x, W, y);
   else gemv(x.data_ptr<float>(), x.size(0), W, y.data_ptr<float>());
   return y;
 }
 
-// All experts of one MoE layer in one call. x [R, D] holds the (token, slot) rows sorted by expert,
-// counts[e] of them for expert e; returns y [R, D] with y_e = (gelu_tanh(x_e W1e^T) * (x_e W3e^T)) W2e^T.
-// The same matmuls as calling `linear` per expert from Python, without the per-expert Python overhead.
-torch::Tensor experts(torch::Tensor x, std::vector<int64_t> counts, torch::Tensor w1, torch::Tensor s1,
+// The experts of one MoE layer for tokens x [N, D]: token t goes to experts idx[t, :] [N, A] with weights
+// gate[t, :]. y[t] = sum over a, in slot order, of gate[t, a] * expert_{idx[t, a]}(x[t]), where
+// expert_e(v) = (gelu_tanh(v W1e^T) * (v W3e^T)) W2e^T. Each chosen expert runs once on all its rows
+// (weights read once); decode and batched calls share this code, and the matmuls give every row the
+// same result whatever else is in the call, so batching does not change any token's output.
+torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, torch::Tensor w1, torch::Tensor s1,
                       torch::Tensor w3, torch::Tensor s3, torch::Tensor w2, torch::Tensor s2, int64_t gemm_min_rows) {
-  TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && static_cast<int64_t>(counts.size()) == w1.size(0),
-              "experts: x [R, D], w [E, ., .], one count per expert");
-  x = x.contiguous();
-  torch::Tensor y = torch::empty({x.size(0), w2.size(1)}, x.options());
-  auto pick = [](const torch::Tensor& s, int64_t e) { return s.numel() ? s.select(0, e) : s; };
-  int64_t start = 0;
-  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
-    const int64_t n = counts[e];
-    if (n == 0) continue;
-    torch::Tensor xe = x.narrow(0, start, n);
-    torch::Tensor h = linear(xe, w1.select(0, e), pick(s1, e), gemm_min_rows);
-    torch::Tensor u = linear(xe, w3.select(0, e), pick(s3, e), gemm_min_rows);
-    float* hp = h.data_ptr<float>();
-    const float* up = u.data_ptr<float>();
-    const float k = 0.7978845608028654f;  // sqrt(2 / pi): the tanh approximation of GELU
-    for (int64_t i = 0, len = h.numel(); i < len; ++i) {
-      const float v = hp[i];
-      hp[i] = 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v))) * up[i];
-    }
-    y.narrow(0, start, n).copy_(linear(h, w2.select(0, e), pick(s2, e), gemm_min_rows));
-    start += n;
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "experts: x float32 [N, D]");
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0) && idx.scalar_type() == at::kLong, "experts: idx int64 [N, A]");
+  TORCH_CHECK(gate.sizes() == idx.sizes() && gate.scalar_type() == at::kFloat, "experts: gate float32 [N, A]");
+  TORCH_CHECK(w1.dim() == 3 && w3.dim() == 3 && w2.dim() == 3 && w1.size(0) == w2.size(0) && w1.size(0) == w3.size(0),
+              "experts: w1, w3, w2 [E, ., .]");
+  x = x.contiguous(), idx = idx.contiguous(), gate = gate.contiguous();
+  w1 = w1.contiguous(), w3 = w3.contiguous(), w2 = w2.contiguous();
+  s1 = s1.contiguous(), s3 = s3.contiguous(), s2 = s2.contiguous();
+  const int64_t N = x.size(0), D = x.size(1), A = idx.size(1), E = w1.size(0), R = N * A;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  // Bucket the (token, slot) pairs by expert, keeping token order within an expert.
+  std::vector<int64_t> start(E + 1, 0), pos_of_pair(R), token_of_row(R);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(ip[r] >= 0 && ip[r] < E, "experts: expert index out of range");
+    ++start[ip[r] + 1];
   }
-  TORCH_CHECK(start == x.size(0), "experts: counts must add up to the rows of x");
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t row = fill[ip[r]]++;
+    pos_of_pair[r] = row;
+    token_of_row[row] = r / A;
+  }
+  // Expert e's weights: expert 0's view, moved along by e experts (all stacks are contiguous).
+  auto pick = [](const torch::Tensor& s, int64_t e) { return s.numel() ? s.select(0, e) : s; };
+  const Weights W1 = weights_of(w1.select(0, 0), pick(s1, 0), D);
+  const Weights W3 = weights_of(w3.select(0, 0), pick(s3, 0), D);
+  const Weights W2 = weights_of(w2.select(0, 0), pick(s2, 0), W1.N);
+  auto expert = [E](Weights W, const torch::Tensor& s, int64_t e) {
+    W.w = static_cast<const uint8_t*>(W.w) + e * W.N * W.row_bytes;
+    if (W.s) W.s += e * (s.numel() / E);
+    return W;
+  };
+  const int64_t F = W1.N;
+  TORCH_CHECK(W3.N == F && W2.N == D, "experts: w1, w3 [E, F, D] and w2 [E, D, F]");
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xs(R * D), h(R * F), u(R * F), ys(R * D);
+  for (int64_t r = 0; r < R; ++r) std::memcpy(&xs[r * D], xp + token_of_row[r] * D, D * sizeof(float));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = start[e + 1] - start[e], r0 = start[e];
+    if (n == 0) continue;
+    const Weights w1e = expert(W1, s1, e), w3e = expert(W3, s3, e), w2e = expert(W2, s2, e);
+    if (n >= gemm_min_rows) {  // prefill-sized: the BLAS path, on tensor views of the buffers
+      auto view = [](std::vector<float>& v, int64_t row, int64_t rows, int64_t cols) {
+        return torch::from_blob(v.data() + row * cols, {rows, cols}, torch::kFloat);
+      };
+      torch::Tensor xe = view(xs, r0, n, D), he = view(h, r0, n, F), ue = view(u, r0, n, F), ye = view(ys, r0, n, D);
+      tiled_gemm(xe, w1e, he);
+      tiled_gemm(xe, w3e, ue);
+      gelu_mul(&h[r0 * F], &u[r0 * F], n * F);
+      tiled_gemm(he, w2e, ye);
+    } else {
+      gemv(&xs[r0 * D], n, w1e, &h[r0 * F]);
+      gemv(&xs[r0 * D], n, w3e, &u[r0 * F]);
+      gelu_mul(&h[r0 * F], &u[r0 * F], n * F);
+      gemv(&h[r0 * F], n, w2e, &ys[r0 * D]);
+    }
+  }
+  // y[t] = ((0 + g0 * y0) + g1 * y1) + ...: in slot order, whatever the batch.
+  torch::Tensor y = torch::zeros({N, D}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* gp = gate.data_ptr<float>();
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t a = 0; a < A; ++a) {
+      const float g = gp[t * A + a];
+      const float* src = &ys[pos_of_pair[t * A + a] * D];
+      float* dst = yp + t * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] += g * src[d];
+    }
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = x @ W.T with W int8 (+scales), packed int4 (+scales), bf16 or fp32");
-  m.def("experts", &experts, "all experts of one MoE layer on rows sorted by expert");
+  // The GIL is released while the kernels run: a server's event loop keeps going meanwhile.
+  m.def("linear", &linear, "y = x @ W.T with W int8 (+scales), packed int4 (+scales), bf16 or fp32",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("experts", &experts, "the experts of one MoE layer: y[t] = sum_a gate[t, a] * expert_idx[t, a](x[t])",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
 from grok1.engine.engine import Engine, EngineConfig
+from grok1.engine.process import EngineProcess
 from grok1.tokenizer import PERSONAS
 
 
@@ -53,6 +55,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="the model id clients ask for (default: the checkpoint directory's name)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="waiting requests beyond which new ones get HTTP 429 (default 256)")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="run the engine on a thread of the server process instead of in its own process (the "
+                        "default; there the server's per-token Python never waits on the model's, and the other "
+                        "way round)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on Ctrl-C/SIGTERM, let running streams finish for S seconds, then end them with an error "
                         "event and [DONE] (default 10)")
@@ -64,11 +70,15 @@ def run(args: argparse.Namespace) -> int:
     from grok1.server.run import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    engine = engine_from_args(args)
+    config_from_args(args)  # fail fast on a bad checkpoint path or config, before starting anything
+    tokenizer = tokenizer_from_args(args)
+    if args.engine_thread:
+        engine: Engine | EngineProcess = engine_from_args(args)
+    else:
+        engine = EngineProcess(partial(engine_from_args, args))
     name = args.model_name or Path(args.checkpoint).resolve().name
-    assert engine.tokenizer is not None
     print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "
           f"chat page at http://{args.host}:{args.port}/", flush=True)
-    serve(engine, engine.tokenizer, name, args.host, args.port, api_key=args.api_key,
+    serve(engine, tokenizer, name, args.host, args.port, api_key=args.api_key,
           system_prompt=PERSONAS[args.persona] if args.persona else None, shutdown_timeout=args.shutdown_timeout)
     return 0

@@ -40,6 +40,20 @@ class EngineConfig:
     prefill_tokens: int = 4096  # padded prompt tokens one prefill may hold (at least one prompt)
 
 
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, max_seq_len: int) -> None:
+    """Raise ValueError for a prompt that is empty, does not fit the context with one generated token, or
+    holds an id outside the vocabulary."""
+    n = len(prompt_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty: generation needs at least one prompt token")
+    if n >= max_seq_len:
+        raise ValueError(f"the prompt has {n} tokens but the context holds {max_seq_len} "
+                         f"(prompt plus at least one generated token must fit)")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab_size - 1})")
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig = EngineConfig()) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -53,7 +67,7 @@ class Engine:
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
         self.stopping = False
-        self.on_step: Callable[[Batch, float], None] | None = None  # metrics hook: (batch, seconds)
+        self.on_step: Callable[[int, float], None] | None = None  # metrics hook: (batch size, seconds)
         self.steps = self.prompt_tokens = self.generated_tokens = 0
 
     # ---- requests (any thread) ----
@@ -62,10 +76,7 @@ class Engine:
                     logprobs: int | None = None, on_output: Callable[[Output], None] | None = None) -> Request:
         """Queue a prompt. Raises ValueError (prompt empty, too long for the context, or an id outside the
         vocabulary) or QueueFull."""
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_seq_len)
         req = Request(list(prompt_ids), params, logprobs=logprobs if logprobs is not None else
                       (params.logprobs or None), on_output=on_output)
         if request_id is not None:
@@ -120,7 +131,7 @@ class Engine:
             self.prompt_tokens += sum(len(r.prompt_ids) for r in batch.prefill)
             self.generated_tokens += len(reqs)
             if self.on_step is not None:
-                self.on_step(batch, time.perf_counter() - t0)
+                self.on_step(len(batch), time.perf_counter() - t0)
         return self._deliver(emits)
 
     def _prefill(self, reqs: list[Request]) -> Tensor:

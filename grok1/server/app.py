@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from grok1.engine.engine import Engine
+from grok1.engine.process import EngineProcess
 from grok1.engine.sampling import SamplingParams
 from grok1.engine.scheduler import Output, QueueFull, TokenLogprob
 from grok1.engine.scheduler import Request as EngineRequest
@@ -50,7 +51,7 @@ class Choice:
 class Job:
     """One API call's engine requests (prompts x n) and the asyncio queue their outputs arrive on."""
 
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine | EngineProcess, metrics: Metrics) -> None:
         self.engine, self.metrics = engine, metrics
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
@@ -116,12 +117,12 @@ class Job:
         return None
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+def create_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                system_prompt: str | None = None) -> FastAPI:
     """The ASGI app. Starts the engine thread on startup (if not running) and stops it on shutdown.
     `system_prompt` is used for chats that bring no system message (e.g. the Grok persona)."""
     metrics = Metrics()
-    engine.on_step = lambda batch, seconds: metrics.step(len(batch), seconds)
+    engine.on_step = metrics.step
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

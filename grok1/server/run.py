@@ -13,12 +13,13 @@ from types import FrameType
 import uvicorn
 
 from grok1.engine.engine import Engine
+from grok1.engine.process import EngineProcess
 from grok1.server.app import create_app
 from grok1.tokenizer import Tokenizer
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: Engine | EngineProcess, shutdown_timeout: float) -> None:
         super().__init__(config)
         self.engine, self.shutdown_timeout = engine, shutdown_timeout
 
@@ -30,8 +31,9 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(engine: Engine, tokenizer: Tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, system_prompt: str | None = None, shutdown_timeout: float = 10.0) -> None:
+def serve(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name: str, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, system_prompt: str | None = None,
+          shutdown_timeout: float = 10.0) -> None:
     """Serve until interrupted (blocks)."""
     app = create_app(engine, tokenizer, model_name, api_key=api_key, system_prompt=system_prompt)
     # uvicorn's own deadline is a backstop only: the engine has cancelled every stream well before it.

@@ -1,0 +1,221 @@
+"""The Engine in a child process, for servers.
+
+In one process, the server's Python (HTTP parsing, JSON, server-sent events: per token, per client)
+and the engine's Python (the glue between model ops) take turns on one interpreter lock, so every
+streamed token slows the model step. `EngineProcess` runs the Engine's step loop in a spawned child
+and talks to it over two pipes; the parent keeps only what a server needs:
+
+    add_request(), cancel(), cancel_all(), stats(), alive(), start(), shutdown(), max_seq_len, on_step
+
+with the same meaning as on `Engine` (it is a drop-in for `grok1.server`). Requests are checked in
+the parent (same errors as Engine.add_request), outputs come back once per step in one message and
+reach each request's `on_output` on the parent's reader thread.
+
+The child builds its own Engine by calling `build()` (a picklable zero-argument callable), so the
+weights are loaded once, in the process that uses them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from grok1.engine.engine import Engine, check_prompt
+from grok1.engine.sampling import SamplingParams
+from grok1.engine.scheduler import Output, QueueFull
+
+log = logging.getLogger("grok1.engine")
+
+
+@dataclass(eq=False)
+class RemoteRequest:
+    """The parent's handle on a request running in the child."""
+    id: str
+    prompt_ids: list[int]
+    on_output: Callable[[Output], None] | None
+    finish_reason: str | None = None
+
+
+class EngineProcess:
+    def __init__(self, build: Callable[[], Engine], start_timeout: float = 600.0) -> None:
+        ctx = mp.get_context("spawn")  # a clean interpreter: no inherited OpenMP or torch thread state
+        child_in, self._to_child = ctx.Pipe(duplex=False)  # (receiving end, sending end)
+        self._from_child, child_out = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_child_main, args=(build, child_out, child_in), name="grok1-engine",
+                                daemon=True)
+        self.proc.start()
+        child_in.close()
+        child_out.close()
+        if not self._from_child.poll(start_timeout):
+            self.proc.kill()
+            raise RuntimeError(f"the engine process did not start within {start_timeout:.0f} s")
+        try:
+            kind, info = self._from_child.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process exited during start-up (exit code {self.proc.exitcode})") from None
+        if kind == "error":
+            self.proc.join()
+            raise ValueError(info)
+        self.max_seq_len: int = info["max_seq_len"]
+        self.vocab_size: int = info["vocab_size"]
+        self.max_batch: int = info["max_batch"]
+        self.max_queue: int = info["max_queue"]
+        self._stats: dict = info["stats"]
+        self.on_step: Callable[[int, float], None] | None = None
+        self.lock = threading.Lock()  # guards requests, the send pipe and the flags
+        self.requests: dict[str, RemoteRequest] = {}
+        self._ids = itertools.count()
+        self.stopping = False
+        self.reader = threading.Thread(target=self._read, name="grok1-engine-reader", daemon=True)
+        self.reader.start()
+
+    # ---- the Engine interface (any thread) ----
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                    logprobs: int | None = None, on_output: Callable[[Output], None] | None = None) -> RemoteRequest:
+        check_prompt(prompt_ids, self.vocab_size, self.max_seq_len)
+        with self.lock:
+            if self.stopping or not self.alive():
+                raise RuntimeError("the engine is shutting down")
+            request_id = request_id if request_id is not None else f"r{next(self._ids)}"
+            if request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            waiting = len(self.requests) - self.max_batch
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting (the limit is {self.max_queue})")
+            req = RemoteRequest(request_id, list(prompt_ids), on_output)
+            self.requests[request_id] = req
+            self._to_child.send(("add", request_id, req.prompt_ids, params, logprobs))
+        return req
+
+    def cancel(self, request_id: str) -> None:
+        with self.lock:
+            if request_id in self.requests and self.alive():
+                self._to_child.send(("cancel", request_id))
+
+    def cancel_all(self) -> None:
+        with self.lock:
+            if self.alive():
+                self._to_child.send(("cancel_all",))
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def alive(self) -> bool:
+        return self.proc.is_alive() and self.reader.is_alive()
+
+    def start(self) -> None:
+        """The child runs from construction on; nothing to do (for Engine compatibility)."""
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the child; requests still queued or running finish as "cancelled"."""
+        with self.lock:
+            self.stopping = True
+            if self.proc.is_alive():
+                try:
+                    self._to_child.send(("stop",))
+                except OSError:
+                    pass
+        self.reader.join(timeout)
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self._fail_all("cancelled")
+
+    # ---- outputs (the reader thread) ----
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, payload = self._from_child.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "stopped":
+                break
+            outputs, stats, step = payload
+            self._stats = stats
+            if step is not None and self.on_step is not None:
+                self.on_step(*step)
+            for out in outputs:
+                with self.lock:
+                    req = self.requests.get(out.request_id)
+                    if req is not None and out.finish_reason is not None:
+                        req.finish_reason = out.finish_reason
+                        del self.requests[out.request_id]
+                if req is not None and req.on_output is not None:
+                    req.on_output(out)
+        if not self.stopping:
+            log.error("the engine process exited (exit code %s); failing its requests", self.proc.exitcode)
+        self._fail_all("error" if not self.stopping else "cancelled")
+
+    def _fail_all(self, reason: str) -> None:
+        with self.lock:
+            gone, self.requests = list(self.requests.values()), {}
+        for req in gone:
+            req.finish_reason = reason
+            if req.on_output is not None:
+                req.on_output(Output(req.id, [], "", [], reason, len(req.prompt_ids), 0))
+
+
+def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection) -> None:
+    """The child: build the Engine, then step it, reading requests between steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    try:
+        engine = build()
+    except Exception as e:  # a bad checkpoint etc.: the parent raises it as a clean error
+        out.send(("error", str(e) or type(e).__name__))
+        return
+    outputs: list[Output] = []
+    steps: list[tuple[int, float]] = []
+    engine.on_step = lambda batch_size, seconds: steps.append((batch_size, seconds))
+    out.send(("ready", {"max_seq_len": engine.max_seq_len, "vocab_size": engine.model.config.vocab_size,
+                        "max_batch": engine.config.max_batch, "max_queue": engine.config.max_queue,
+                        "stats": engine.stats()}))
+
+    def flush() -> None:
+        if outputs or steps:
+            out.send(("outputs", (list(outputs), engine.stats(), steps[-1] if steps else None)))
+            outputs.clear()
+            steps.clear()
+
+    running = True
+    while running:
+        idle = not engine.scheduler.has_work()
+        while inbox.poll(0.5 if idle else 0):
+            try:
+                msg = inbox.recv()
+            except EOFError:  # the parent is gone
+                msg = ("stop",)
+            if msg[0] == "add":
+                _, request_id, prompt_ids, params, logprobs = msg
+                try:
+                    engine.add_request(prompt_ids, params, request_id, logprobs, on_output=outputs.append)
+                except (ValueError, QueueFull, RuntimeError):  # raced past the parent's checks
+                    outputs.append(Output(request_id, [], "", [], "error", len(prompt_ids), 0))
+            elif msg[0] == "cancel":
+                engine.cancel(msg[1])
+            elif msg[0] == "cancel_all":
+                engine.cancel_all()
+            elif msg[0] == "stop":
+                running = False
+                break
+            idle = False
+        if running and engine.scheduler.has_work():
+            try:
+                engine.step()
+            except Exception:  # keep serving: fail the requests of the broken step, not the engine
+                log.exception("engine step failed; finishing its requests with an error")
+                with engine.lock:
+                    engine._deliver(engine.scheduler.abort_all("error"))
+        flush()
+    with engine.lock:
+        engine._deliver(engine.scheduler.abort_all("cancelled"))
+    flush()
+    out.send(("stopped", None))

@@ -172,135 +172,95 @@ inline void load16(const uint8_t* row, int64_t k, __m256& a, __m256& b) {
 }
 #endif
 
-// Both dot-product kernels below compute out = hsum(sum_g s_g * (acc0_g + acc1_g)) + sum_g s_g * tail_g in
-// exactly the same order (acc0/acc1: 8-lane partial sums over the group's inputs, tail_g: the inputs
-// after the last whole 8), so a row of activations gets bit-identical results whichever kernel runs it,
-// i.e. whatever other rows share the call. Scales are applied per group as a vector, not after a
-// horizontal sum per group: groups are cheap (int4 has one per 32 inputs).
-
-// out[r] = sum_k x[r, k] * W[n, k] (scaled) for MR rows of x.
-template <int MR, Fmt F>
-inline void row_dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float* out) {
-  const auto* row = static_cast<const uint8_t*>(W.w) + n * W.row_bytes;
-  const int64_t kg = W.K / W.G;
-  float tail_tot[MR];
-  for (int r = 0; r < MR; ++r) tail_tot[r] = 0.f;
-#ifdef GROK1_AVX2
-  __m256 tot[MR];
-  for (int r = 0; r < MR; ++r) tot[r] = _mm256_setzero_ps();
-#endif
-  for (int64_t g = 0; g < W.G; ++g) {
-    const int64_t k0 = g * kg, k1 = k0 + kg;
-    const float s = scale_of(W, n, g);
-    int64_t k = k0;
-#ifdef GROK1_AVX2
-    __m256 acc[MR][2];
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (; k + 16 <= k1; k += 16) {
-      __m256 w0, w1;
-      load16<F>(row, k, w0, w1);
-      for (int r = 0; r < MR; ++r) {
-        acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k), w0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k + 8), w1, acc[r][1]);
-      }
-    }
-    if (F != Fmt::I4 && k + 8 <= k1) {  // a group that is not a multiple of 16 inputs: one 8-wide step
-      const __m256 w0 = load8<F>(row, k).v;
-      for (int r = 0; r < MR; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k), w0, acc[r][0]);
-      k += 8;
-    }
-    const __m256 sv = _mm256_set1_ps(s);
-    for (int r = 0; r < MR; ++r) tot[r] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[r][0], acc[r][1]), tot[r]);
-#endif
-    float tail[MR];
-    for (int r = 0; r < MR; ++r) tail[r] = 0.f;
-    for (; k < k1; ++k) {
-      const float w = weight_at(W, n, k);
-      for (int r = 0; r < MR; ++r) tail[r] += x[r * ldx + k] * w;
-    }
-    for (int r = 0; r < MR; ++r) tail_tot[r] += s * tail[r];
-  }
-#ifdef GROK1_AVX2
-  for (int r = 0; r < MR; ++r) out[r] = hsum(tot[r]) + tail_tot[r];
-#else
-  for (int r = 0; r < MR; ++r) out[r] = tail_tot[r];
-#endif
-}
-
-// One activation row against NR weight rows at once (decode): NR independent weight streams and
-// accumulator chains, each activation vector loaded once for all of them.
-template <int NR, Fmt F>
-inline void rows_dot(const float* x, const Weights& W, int64_t n, float* out) {
+// y[m, n] = sum_k x[m, k] * W[n, k] for a block of MR activation rows x NR weight rows: each weight
+// vector converted once for the MR rows, each activation vector loaded once for the NR weight rows.
+// Every (m, n) is computed in the same order whatever the block shape:
+//   hsum(sum_g s_g * (acc0_g + acc1_g)) + sum_g s_g * tail_g
+// (acc0/acc1: 8-lane partial sums over the group's inputs in steps of 16, then one step of 8 into acc0;
+// tail_g: the inputs after the last whole 8). So a row of activations gets bit-identical results
+// whatever other rows share the call: batching does not change outputs. Scales are applied per group
+// as a vector, not after a horizontal sum per group: groups are cheap (int4 has one per 32 inputs).
+template <int MR, int NR, Fmt F>
+inline void dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float* y, int64_t ldy) {
   const int64_t kg = W.K / W.G;
   const uint8_t* rows[NR];
   for (int j = 0; j < NR; ++j) rows[j] = static_cast<const uint8_t*>(W.w) + (n + j) * W.row_bytes;
-  float tail_tot[NR];
-  for (int j = 0; j < NR; ++j) tail_tot[j] = 0.f;
+  float tail_tot[MR][NR] = {};
 #ifdef GROK1_AVX2
-  __m256 tot[NR];
-  for (int j = 0; j < NR; ++j) tot[j] = _mm256_setzero_ps();
+  __m256 tot[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) tot[r][j] = _mm256_setzero_ps();
 #endif
   for (int64_t g = 0; g < W.G; ++g) {
     const int64_t k0 = g * kg, k1 = k0 + kg;
+    float s[NR];
+    for (int j = 0; j < NR; ++j) s[j] = scale_of(W, n + j, g);
     int64_t k = k0;
 #ifdef GROK1_AVX2
-    __m256 acc[NR][2];
-    for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    __m256 acc[MR][NR][2];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
     for (; k + 16 <= k1; k += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      for (int j = 0; j < NR; ++j) {
-        __m256 w0, w1;
-        load16<F>(rows[j], k, w0, w1);
-        acc[j][0] = _mm256_fmadd_ps(x0, w0, acc[j][0]);
-        acc[j][1] = _mm256_fmadd_ps(x1, w1, acc[j][1]);
+      __m256 w[NR][2];
+      for (int j = 0; j < NR; ++j) load16<F>(rows[j], k, w[j][0], w[j][1]);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 x0 = _mm256_loadu_ps(x + r * ldx + k), x1 = _mm256_loadu_ps(x + r * ldx + k + 8);
+        for (int j = 0; j < NR; ++j) {
+          acc[r][j][0] = _mm256_fmadd_ps(x0, w[j][0], acc[r][j][0]);
+          acc[r][j][1] = _mm256_fmadd_ps(x1, w[j][1], acc[r][j][1]);
+        }
       }
     }
-    if (F != Fmt::I4 && k + 8 <= k1) {  // the same 8-wide step as row_dots: identical results
-      const __m256 x0 = _mm256_loadu_ps(x + k);
-      for (int j = 0; j < NR; ++j) acc[j][0] = _mm256_fmadd_ps(x0, load8<F>(rows[j], k).v, acc[j][0]);
+    if (F != Fmt::I4 && k + 8 <= k1) {  // a group that is not a multiple of 16 inputs: one 8-wide step
+      __m256 w[NR];
+      for (int j = 0; j < NR; ++j) w[j] = load8<F>(rows[j], k).v;
+      for (int r = 0; r < MR; ++r) {
+        const __m256 x0 = _mm256_loadu_ps(x + r * ldx + k);
+        for (int j = 0; j < NR; ++j) acc[r][j][0] = _mm256_fmadd_ps(x0, w[j], acc[r][j][0]);
+      }
       k += 8;
     }
-    for (int j = 0; j < NR; ++j)
-      tot[j] = _mm256_fmadd_ps(_mm256_set1_ps(scale_of(W, n + j, g)), _mm256_add_ps(acc[j][0], acc[j][1]), tot[j]);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 sv = _mm256_set1_ps(s[j]);
+      for (int r = 0; r < MR; ++r) tot[r][j] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[r][j][0], acc[r][j][1]), tot[r][j]);
+    }
 #endif
-    float tail[NR];
-    for (int j = 0; j < NR; ++j) tail[j] = 0.f;
+    float tail[MR][NR] = {};
     for (; k < k1; ++k)
-      for (int j = 0; j < NR; ++j) tail[j] += x[k] * weight_at(W, n + j, k);
-    for (int j = 0; j < NR; ++j) tail_tot[j] += scale_of(W, n + j, g) * tail[j];
+      for (int j = 0; j < NR; ++j) {
+        const float wv = weight_at(W, n + j, k);
+        for (int r = 0; r < MR; ++r) tail[r][j] += x[r * ldx + k] * wv;
+      }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) tail_tot[r][j] += s[j] * tail[r][j];
   }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j)
 #ifdef GROK1_AVX2
-  for (int j = 0; j < NR; ++j) out[j] = hsum(tot[j]) + tail_tot[j];
+      y[r * ldy + n + j] = hsum(tot[r][j]) + tail_tot[r][j];
 #else
-  for (int j = 0; j < NR; ++j) out[j] = tail_tot[j];
+      y[r * ldy + n + j] = tail_tot[r][j];
 #endif
+}
+
+// Rows m of x against weight rows n0..n1, in blocks of MR x NR.
+template <int MR, int NR, Fmt F>
+inline void dots_rows(const float* x, const Weights& W, float* y, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) dots<MR, NR, F>(x, W.K, W, n, y, W.N);
+  for (; n < n1; ++n) dots<MR, 1, F>(x, W.K, W, n, y, W.N);
 }
 
 template <Fmt F>
 void gemv_rows(const float* x, int64_t M, const Weights& W, float* y, int64_t n0, int64_t n1) {
   const int64_t K = W.K, N = W.N;
   int64_t m = 0;
-  float out[4];
-  for (; m + 4 <= M; m += 4)
-    for (int64_t n = n0; n < n1; ++n) {
-      row_dots<4, F>(x + m * K, K, W, n, out);
-      for (int r = 0; r < 4; ++r) y[(m + r) * N + n] = out[r];
-    }
-  for (; m + 2 <= M; m += 2)
-    for (int64_t n = n0; n < n1; ++n) {
-      row_dots<2, F>(x + m * K, K, W, n, out);
-      for (int r = 0; r < 2; ++r) y[(m + r) * N + n] = out[r];
-    }
-  for (; m < M; ++m) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-      rows_dot<4, F>(x + m * K, W, n, out);
-      for (int j = 0; j < 4; ++j) y[m * N + n + j] = out[j];
-    }
-    for (; n < n1; ++n) {
-      row_dots<1, F>(x + m * K, K, W, n, out);
-      y[m * N + n] = out[0];
-    }
+  for (; m + 4 <= M; m += 4) dots_rows<4, 2, F>(x + m * K, W, y + m * N, n0, n1);
+  switch (M - m) {
+    case 3: dots_rows<3, 2, F>(x + m * K, W, y + m * N, n0, n1); break;
+    case 2: dots_rows<2, 2, F>(x + m * K, W, y + m * N, n0, n1); break;
+    case 1: dots_rows<1, 4, F>(x + m * K, W, y + m * N, n0, n1); break;
+    default: break;
   }
 }
 

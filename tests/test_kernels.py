@@ -76,3 +76,54 @@ def test_backward_through_stored_weights_takes_the_torch_path(ops):
     layer.weight, layer.scales = w, s
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, unpack(w, s, torch.float32).sum(0).expand(3, -1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,K,G", [(50, 344, 8), (37, 256, 1), (24, 96, 3)])
+def test_each_row_is_bit_identical_whatever_else_is_in_the_call(ops, fmt, N, K, G):
+    """Below the GEMM threshold, row m of a batch equals the same row computed alone, bit for bit (this is
+    what makes continuous batching give each request the tokens it would get alone)."""
+    if fmt == "int4" and K % 32:
+        pytest.skip("int4 needs K a multiple of 32")
+    g = torch.Generator().manual_seed(N + K)
+    w, s = pack(torch.randn(N, K, generator=g), fmt, G if fmt == "int8" else 1)
+    x = torch.randn(kernels.GEMM_MIN_ROWS - 1, K, generator=g)
+    alone = torch.cat([kernels.linear(x[m : m + 1], w, s) for m in range(x.shape[0])])
+    for M in (2, 3, 4, 5, 8, 16, kernels.GEMM_MIN_ROWS - 1):
+        assert torch.equal(kernels.linear(x[:M], w, s), alone[:M]), f"M={M}"
+    torch.testing.assert_close(alone.double(), x.double() @ unpack(w, s, torch.float32).double().T,
+                               atol=1e-4, rtol=1e-5)
+
+
+def gelu_experts_oracle(x, idx, gate, w1, w3, w2):
+    """The experts of a MoE layer written out token by token in float64 (the definition, slowly)."""
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for a in range(idx.shape[1]):
+            e = int(idx[t, a])
+            v = x[t].double()
+            h = torch.nn.functional.gelu(v @ w1[e].double().T, approximate="tanh") * (v @ w3[e].double().T)
+            y[t] += gate[t, a].double() * (h @ w2[e].double().T)
+    return y
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_experts_op_matches_the_definition_and_batching_changes_nothing(ops, fmt):
+    E, D, F_, A = 4, 64, 96, 2
+    g = torch.Generator().manual_seed(7)
+    dense = [torch.randn(E, F_, D, generator=g) / 8, torch.randn(E, F_, D, generator=g) / 8,
+             torch.randn(E, D, F_, generator=g) / 8]
+    packed = [pack(w.reshape(-1, w.shape[-1]), fmt, 1) for w in dense]
+    ws = tuple(q.reshape(E, -1, q.shape[-1]) for q, _ in packed)
+    ss = tuple(sc.reshape(sc.shape[0], E, -1).transpose(0, 1) if sc.numel() and sc.shape[0] == 1 else
+               (sc.reshape(E, -1, sc.shape[-1]) if sc.numel() else sc) for _, sc in packed)
+    deq = [unpack(q, sc, torch.float32).reshape(w.shape) for (q, sc), w in zip(packed, dense)]
+    N = 19
+    x = torch.randn(N, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(N)])
+    gate = torch.rand(N, A, generator=g)
+    y = kernels.experts(x, idx, gate, (ws[0], ws[1], ws[2]), (ss[0], ss[1], ss[2]))
+    torch.testing.assert_close(y.double(), gelu_experts_oracle(x, idx, gate, deq[0], deq[1], deq[2]),
+                               atol=1e-4, rtol=1e-4)
+    alone = torch.cat([kernels.experts(x[t : t + 1], idx[t : t + 1], gate[t : t + 1], ws, ss) for t in range(N)])
+    assert torch.equal(y, alone)

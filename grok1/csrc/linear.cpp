@@ -225,14 +225,15 @@ inline void dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float
       for (int r = 0; r < MR; ++r) tot[r][j] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[r][j][0], acc[r][j][1]), tot[r][j]);
     }
 #endif
+    // Explicit fused multiply-adds: the compiler may not contract or vectorise these differently per block shape.
     float tail[MR][NR] = {};
     for (; k < k1; ++k)
       for (int j = 0; j < NR; ++j) {
         const float wv = weight_at(W, n + j, k);
-        for (int r = 0; r < MR; ++r) tail[r][j] += x[r * ldx + k] * wv;
+        for (int r = 0; r < MR; ++r) tail[r][j] = std::fma(x[r * ldx + k], wv, tail[r][j]);
       }
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NR; ++j) tail_tot[r][j] += s[j] * tail[r][j];
+      for (int j = 0; j < NR; ++j) tail_tot[r][j] = std::fma(s[j], tail[r][j], tail_tot[r][j]);
   }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j)

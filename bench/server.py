@@ -53,18 +53,29 @@ def process_jiffies(pid: int) -> int:
     return int(parts[11]) + int(parts[12])  # utime + stime (fields 14, 15)
 
 
+def children(pid: int) -> list[int]:
+    """Child processes of pid (grok1 serve runs its engine in one)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident memory of pid and its children (the engine process holds the model)."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return round(total / 1024, 1)
 
 
 class CpuMeter:
-    """Share of the machine's CPU used by everything except the server and this process."""
+    """Share of the machine's CPU used by everything except the server (and its engine process) and this one."""
 
     def __init__(self, server_pid: int) -> None:
-        self.pids = [server_pid, os.getpid()]
+        self.pids = [server_pid, *children(server_pid), os.getpid()]
         self.start = self.sample()
 
     def sample(self) -> tuple[int, int, int]:

@@ -172,6 +172,9 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection)
     except Exception as e:  # a bad checkpoint etc.: the parent raises it as a clean error
         out.send(("error", str(e) or type(e).__name__))
         return
+    # The parent enforces the queue limit, counting free slots as room; requests it accepted can reach the
+    # child before earlier ones are admitted, so the child's own limit must leave room for the slots too.
+    engine.scheduler.max_queue = engine.config.max_queue + engine.config.max_batch
     outputs: list[Output] = []
     steps: list[tuple[int, float]] = []
     engine.on_step = lambda batch_size, seconds: steps.append((batch_size, seconds))

@@ -1,0 +1,125 @@
+"""EngineProcess: the Engine in a spawned child, as `grok1 serve` runs it (real processes, the bundled demo model)."""
+
+import os
+import signal
+import threading
+from functools import partial
+
+import pytest
+
+from grok1.cli.main import build_parser
+from grok1.cli.serve import engine_from_args
+from grok1.engine.process import EngineProcess
+from grok1.engine.sampling import SamplingParams
+from grok1.engine.scheduler import QueueFull
+
+PROMPTS = ["It is a truth universally acknowledged", "Mr. Darcy", "The weather at Longbourn", "Elizabeth said"]
+
+
+def serve_args(*extra: str):
+    return build_parser().parse_args(["serve", "--threads", "1", "--max-batch", "4", "--max-seq-len", "128",
+                                      "--max-queue", "4", *extra])
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    return engine_from_args(serve_args())
+
+
+@pytest.fixture(scope="module")
+def child():
+    proc = EngineProcess(partial(engine_from_args, serve_args()))
+    yield proc
+    proc.shutdown()
+
+
+class Collector:
+    """on_output target: gathers one request's outputs; `done` is set at its finish."""
+
+    def __init__(self) -> None:
+        self.outputs, self.done = [], threading.Event()
+
+    def __call__(self, out) -> None:
+        self.outputs.append(out)
+        if out.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(o.text for o in self.outputs)
+
+
+def test_child_gives_the_in_process_engines_greedy_tokens_and_text(in_process, child):
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    tok = in_process.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS]
+    expected = in_process.generate(prompts, [greedy] * len(prompts))
+    collectors = [Collector() for _ in prompts]
+    for ids, c in zip(prompts, collectors):  # all at once: they share the child's batch
+        child.add_request(ids, greedy, on_output=c)
+    for c, want in zip(collectors, expected):
+        assert c.done.wait(60), "no finish from the engine process"
+        assert c.token_ids == want.output_ids
+        assert c.text == want.text
+        assert c.outputs[-1].finish_reason == want.finish_reason
+    assert child.stats()["running"] == 0 and child.stats()["generated_tokens"] >= 4 * 12
+
+
+def test_bad_requests_fail_in_the_parent_with_the_engines_errors(child):
+    sp = SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty"):
+        child.add_request([], sp)
+    with pytest.raises(ValueError, match="context holds 128"):
+        child.add_request([5] * 128, sp)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        child.add_request([5, 99999], sp)
+    assert child.alive()
+
+
+def test_queue_limit_and_cancel_free_the_slots(child):
+    """4 slots + 4 waiting fill it; the ninth is refused; cancelling every request empties the engine."""
+    long = SamplingParams(max_new_tokens=120, ignore_eos=True)
+    collectors = [Collector() for _ in range(8)]
+    reqs = [child.add_request([5, 6, 7], long, on_output=c) for c in collectors]
+    with pytest.raises(QueueFull):
+        child.add_request([5, 6, 7], long)
+    for r in reqs:
+        child.cancel(r.id)
+    for c in collectors:
+        assert c.done.wait(60)
+        assert c.outputs[-1].finish_reason in ("cancelled", "length")
+    assert any(c.outputs[-1].finish_reason == "cancelled" for c in collectors)
+    stats = child.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["free_slots"] == 4
+
+
+def test_shutdown_cancels_what_runs_and_stops_the_child():
+    proc = EngineProcess(partial(engine_from_args, serve_args()))
+    c = Collector()
+    proc.add_request([5, 6, 7], SamplingParams(max_new_tokens=120, ignore_eos=True), on_output=c)
+    proc.shutdown()
+    assert c.done.wait(10) and c.outputs[-1].finish_reason == "cancelled"
+    assert not proc.alive() and not proc.proc.is_alive()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        proc.add_request([5], SamplingParams())
+
+
+def test_a_dead_child_fails_its_requests_instead_of_hanging():
+    proc = EngineProcess(partial(engine_from_args, serve_args()))
+    c = Collector()
+    proc.add_request([5, 6, 7], SamplingParams(max_new_tokens=120, ignore_eos=True), on_output=c)
+    os.kill(proc.proc.pid, signal.SIGKILL)
+    assert c.done.wait(30) and c.outputs[-1].finish_reason == "error"
+    proc.reader.join(30)
+    assert not proc.alive()
+    proc.shutdown()
+
+
+def test_a_bad_checkpoint_is_a_clean_error_from_the_child(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError):
+        EngineProcess(partial(engine_from_args, serve_args("--checkpoint", str(tmp_path))))

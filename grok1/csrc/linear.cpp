@@ -200,17 +200,15 @@ inline void dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float
     __m256 acc[MR][NR][2];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
-    for (; k + 16 <= k1; k += 16) {
-      __m256 w[NR][2];
-      for (int j = 0; j < NR; ++j) load16<F>(rows[j], k, w[j][0], w[j][1]);
-      for (int r = 0; r < MR; ++r) {
-        const __m256 x0 = _mm256_loadu_ps(x + r * ldx + k), x1 = _mm256_loadu_ps(x + r * ldx + k + 8);
-        for (int j = 0; j < NR; ++j) {
-          acc[r][j][0] = _mm256_fmadd_ps(x0, w[j][0], acc[r][j][0]);
-          acc[r][j][1] = _mm256_fmadd_ps(x1, w[j][1], acc[r][j][1]);
+    for (; k + 16 <= k1; k += 16)
+      for (int j = 0; j < NR; ++j) {  // one weight vector pair live at a time: no spills with 16 registers
+        __m256 w0, w1;
+        load16<F>(rows[j], k, w0, w1);
+        for (int r = 0; r < MR; ++r) {
+          acc[r][j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k), w0, acc[r][j][0]);
+          acc[r][j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k + 8), w1, acc[r][j][1]);
         }
       }
-    }
     if (F != Fmt::I4 && k + 8 <= k1) {  // a group that is not a multiple of 16 inputs: one 8-wide step
       __m256 w[NR];
       for (int j = 0; j < NR; ++j) w[j] = load8<F>(rows[j], k).v;

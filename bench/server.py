@@ -2,10 +2,12 @@
 
 Starts `grok1 serve` as a subprocess on a free loopback port, then for each concurrency level runs
 that many streaming clients (each sending `--requests` completions one after another, greedy,
-`--max-tokens` tokens, EOS ignored) and prints one JSON line per level: aggregate throughput
-(completion tokens / wall seconds), time to first token and time per output token (p50, p99 over
-requests), errors, and `other_cpu_pct` (CPU used by processes other than the server and this
-script: the machine is shared). `--soak S` then runs the highest level for S seconds and reports
+`--max-tokens` tokens, EOS ignored), in `--reps` rounds over all levels, and prints one JSON line
+per level: aggregate throughput (completion tokens / wall seconds; the median over the rounds, each
+round's value in `tokens_per_s_each_rep`), time to first token and time per output token (p50, p99
+over all requests of the level), errors, the engine's mean step time and batch, and
+`other_cpu_pct` (CPU used by processes other than the server, its engine process and this script,
+over the whole series: the machine is shared). `--soak S` then runs the highest level for S seconds and reports
 errors and the server's RSS at start and end.
 
     python -m bench.server --table                          # the bundled demo model
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import httpx
 
@@ -226,7 +229,9 @@ def main() -> None:
     ap.add_argument("--preset", help="named config instead of --config")
     ap.add_argument("--dtype", help="compute dtype passed to grok1 serve")
     ap.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts (default 1,2,4,8,16)")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client per level and rep (default 4)")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="rounds over all levels; tokens/s is the median over rounds (default 3)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per completion (default 64)")
     ap.add_argument("--max-batch", type=int, default=16, help="server --max-batch (default 16)")
     ap.add_argument("--max-seq-len", type=int, default=256, help="server --max-seq-len (default 256)")
@@ -248,11 +253,24 @@ def main() -> None:
     rows = []
     try:
         asyncio.run(run_level(url, "bench", 1, 2, None, args.max_tokens))  # warm up
+        # Rounds over all levels, `--reps` times: the machine's speed drifts, so each level's median comes
+        # from runs spread over the whole measurement, and the ratios between levels compare like with like.
+        runs: dict[int, list[tuple[list[dict], float, dict, dict]]] = {c: [] for c in levels}
+        meters = {c: CpuMeter(server.pid) for c in levels}
+        for _ in range(args.reps):
+            for c in levels:
+                before = engine_counters(url)
+                results, wall = asyncio.run(run_level(url, "bench", c, args.requests, None, args.max_tokens))
+                runs[c].append((results, wall, before, engine_counters(url)))
         for c in levels:
-            meter, before = CpuMeter(server.pid), engine_counters(url)
-            results, wall = asyncio.run(run_level(url, "bench", c, args.requests, None, args.max_tokens))
-            row = base | {"clients": c} | summarize(results, wall) | engine_summary(before, engine_counters(url)) | {
-                "other_cpu_pct": meter.other_pct(), "loadavg_1m": os.getloadavg()[0]}
+            pooled = [r for results, _, _, _ in runs[c] for r in results]
+            row = base | {"clients": c, "reps": args.reps} | summarize(pooled, sum(w for _, w, _, _ in runs[c]))
+            row["tokens_per_s"] = round(median([summarize(res, w)["tokens_per_s"] for res, w, _, _ in runs[c]]), 1)
+            row["tokens_per_s_each_rep"] = [summarize(res, w)["tokens_per_s"] for res, w, _, _ in runs[c]]
+            first, last = runs[c][0][2], runs[c][-1][3]
+            steps = {k: sum(after[k] - before[k] for _, _, before, after in runs[c]) for k in first}
+            row |= engine_summary({k: 0.0 for k in steps}, steps) | {"other_cpu_pct": meters[c].other_pct(),
+                                                                     "loadavg_1m": os.getloadavg()[0]}
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.soak > 0:

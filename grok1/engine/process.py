@@ -81,8 +81,11 @@ class EngineProcess:
                     logprobs: int | None = None, on_output: Callable[[Output], None] | None = None) -> RemoteRequest:
         check_prompt(prompt_ids, self.vocab_size, self.max_seq_len)
         with self.lock:
-            if self.stopping or not self.alive():
+            if self.stopping:
                 raise RuntimeError("the engine is shutting down")
+            if not self.alive():
+                raise RuntimeError(f"the engine process is not running (exit code {self.proc.exitcode}); "
+                                   "see the server log")
             request_id = request_id if request_id is not None else f"r{next(self._ids)}"
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is already in use")

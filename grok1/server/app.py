@@ -73,7 +73,8 @@ class Job:
             raise p.APIError(400, str(e), param=param, code=code)
         except RuntimeError as e:
             self.cancel()
-            raise p.APIError(503, str(e), "server_error", code="shutting_down")
+            code = "shutting_down" if "shutting down" in str(e) else "engine_unavailable"
+            raise p.APIError(503, str(e), "server_error", code=code)
 
     def _put(self, i: int, out: Output) -> None:  # on the engine thread
         try:

@@ -116,6 +116,8 @@ def test_a_dead_child_fails_its_requests_instead_of_hanging():
     assert c.done.wait(30) and c.outputs[-1].finish_reason == "error"
     proc.reader.join(30)
     assert not proc.alive()
+    with pytest.raises(RuntimeError, match="engine process is not running"):
+        proc.add_request([5], SamplingParams())
     proc.shutdown()
 
 

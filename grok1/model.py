@@ -273,8 +273,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,
                 logits_at: Tensor | None = None, hidden: list[Tensor] | None = None,
-                cache_rows: Tensor | None = None) -> Tensor:
-        """tokens [B, T] -> logits [B, T, V] (or [B, V] at positions logits_at [B]).
+                cache_rows: Tensor | None = None, logits_rows: Tensor | None = None) -> Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or [B, V] at positions logits_at [B]; only batch rows
+        logits_rows [R] of those, if given: [R, V]).
 
         Without a cache, the T tokens are the whole sequence (positions 0..T-1) and token id 0
         is masked as a key, as in the reference forward. With a cache, row b's tokens sit at
@@ -306,6 +307,8 @@ class Transformer(nn.Module):
                 hidden.append(h)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B, D]
+        if logits_rows is not None:
+            h = h[logits_rows]  # [R, ...]
         return self.tok_embeddings.unembed(self.norm(h)) * cfg.output_multiplier  # [.., V], tied
 
 

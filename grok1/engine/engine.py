@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,12 +25,17 @@ import torch
 from torch import Tensor
 
 from grok1.engine.cache import clear_slot
+from grok1.kernels import GEMM_MIN_ROWS
 from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob
 from grok1.model import Transformer
 from grok1.tokenizer import Tokenizer
 
 log = logging.getLogger("grok1.engine")
+
+# Rows (tokens) up to which a step's prompts and decode rows share one forward: below the compiled
+# kernel's switch to BLAS (kernels.GEMM_MIN_ROWS), where results do not depend on the batch.
+ONE_PASS_ROWS = GEMM_MIN_ROWS
 
 
 @dataclass(frozen=True)
@@ -118,10 +124,13 @@ class Engine:
             batch, emits = self.scheduler.schedule()
         batch.decode.sort(key=lambda r: r.slot)  # row order (outputs follow the requests, so any order is fine)
         if len(batch):
-            parts = [self._prefill(batch.prefill)] if batch.prefill else []
-            if batch.decode:
-                parts.append(self._decode(batch.decode))
-            logits = torch.cat(parts) if len(parts) > 1 else parts[0]  # [B, V], prefill rows first
+            if batch.prefill and batch.decode and self._fits_one_pass(batch):
+                logits = self._prefill_with_decode(batch.prefill, batch.decode)
+            else:
+                parts = [self._prefill(batch.prefill)] if batch.prefill else []
+                if batch.decode:
+                    parts.append(self._decode(batch.decode))
+                logits = torch.cat(parts) if len(parts) > 1 else parts[0]  # [B, V], prefill rows first
             reqs = batch.prefill + batch.decode
             tokens = self._sample(logits, reqs)
             lps = self._logprobs(logits, tokens, reqs)
@@ -143,6 +152,29 @@ class Engine:
         rows = torch.tensor([r.slot for r in reqs], device=self.device)
         start = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         return self.model(tokens, start, self.cache, logits_at=lengths - 1, cache_rows=rows)  # [B, V]
+
+    def _fits_one_pass(self, batch: Batch) -> bool:
+        """Short prompts ride along with the decode rows in one forward while the rows stay below the
+        point where the matmuls switch kernels (so every row's arithmetic is the same as alone)."""
+        return len(batch.decode) + sum(len(r.prompt_ids) for r in batch.prefill) < ONE_PASS_ROWS
+
+    def _prefill_with_decode(self, prefill: list[Request], decode: list[Request]) -> Tensor:
+        """One forward for new prompts and running requests: every token is a row of its own ([N, 1], its
+        position and cache row), so nothing is padded; logits for each prompt's last token and each decode row."""
+        tokens, pos, rows, last = [], [], [], []
+        for r in prefill:
+            clear_slot(self.cache, r.slot)
+            tokens += r.prompt_ids
+            pos += range(len(r.prompt_ids))
+            rows += [r.slot] * len(r.prompt_ids)
+            last.append(len(tokens) - 1)
+        last += range(len(tokens), len(tokens) + len(decode))
+        tokens += [r.output_ids[-1] for r in decode]
+        pos += [r.last_pos for r in decode]
+        rows += [r.slot for r in decode]
+        as_tensor = partial(torch.tensor, device=self.device)
+        return self.model(as_tensor(tokens)[:, None], as_tensor(pos), self.cache, cache_rows=as_tensor(rows),
+                          logits_rows=as_tensor(last))[:, 0]  # [len(prefill) + len(decode), V]
 
     def _decode(self, reqs: list[Request]) -> Tensor:
         tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # [B, 1]

@@ -180,3 +180,35 @@ def test_a_failing_step_finishes_its_requests_with_error_and_the_engine_goes_on(
         assert finished.wait(timeout=60) and outs[-1].finish_reason == "length" and eng.alive()
     finally:
         eng.shutdown()
+
+
+def test_prompts_joining_a_running_batch_share_its_forward_and_change_nothing():
+    """On the bundled demo model (int8, compiled kernels, as served): a prompt that arrives while others
+    decode is run in the same forward as them (one model call per step), and every request still gets
+    exactly the tokens it gets alone."""
+    from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.tokenizer import Tokenizer
+    from grok1.weights.load import load_model, resolve_config
+
+    model = load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT, None, None))
+    tok = Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
+    prompts = [tok.encode(t) for t in ["It is a truth universally acknowledged", "Mr. Darcy was",
+                                       "The weather at Longbourn", "She said"]]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+    eng = Engine(model, tok, EngineConfig(max_batch=4, max_seq_len=128))
+    alone = [eng.generate([p], [greedy])[0].output_ids for p in prompts]
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        reqs = []
+        for p in prompts:
+            reqs.append(eng.add_request(p, greedy))
+            before = len(calls)
+            eng.step()
+            assert len(calls) - before == 1, "the new prompt and the running requests took separate forwards"
+        while any(r.finish_reason is None for r in reqs):
+            eng.step()
+    finally:
+        del model.forward
+    assert [r.output_ids for r in reqs] == alone

@@ -265,10 +265,9 @@ def main() -> None:
         for c in levels:
             pooled = [r for results, _, _, _ in runs[c] for r in results]
             row = base | {"clients": c, "reps": args.reps} | summarize(pooled, sum(w for _, w, _, _ in runs[c]))
-            row["tokens_per_s"] = round(median([summarize(res, w)["tokens_per_s"] for res, w, _, _ in runs[c]]), 1)
-            row["tokens_per_s_each_rep"] = [summarize(res, w)["tokens_per_s"] for res, w, _, _ in runs[c]]
-            first, last = runs[c][0][2], runs[c][-1][3]
-            steps = {k: sum(after[k] - before[k] for _, _, before, after in runs[c]) for k in first}
+            each = [summarize(res, w)["tokens_per_s"] for res, w, _, _ in runs[c]]
+            row["tokens_per_s"], row["tokens_per_s_each_rep"] = round(median(each), 1), each
+            steps = {k: sum(after[k] - before[k] for _, _, before, after in runs[c]) for k in runs[c][0][2]}
             row |= engine_summary({k: 0.0 for k in steps}, steps) | {"other_cpu_pct": meters[c].other_pct(),
                                                                      "loadavg_1m": os.getloadavg()[0]}
             rows.append(row)

@@ -17,17 +17,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from functools import partial
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from grok1.engine.cache import clear_slot
-from grok1.kernels import GEMM_MIN_ROWS
 from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
-from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob
+from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob, check_prompt
+from grok1.kernels import GEMM_MIN_ROWS
 from grok1.model import Transformer
 from grok1.tokenizer import Tokenizer
 
@@ -44,20 +44,6 @@ class EngineConfig:
     max_seq_len: int = 2048  # tokens per row (prompt + completion); capped at the model's context
     max_queue: int = 256  # waiting requests beyond which add_request raises QueueFull
     prefill_tokens: int = 4096  # padded prompt tokens one prefill may hold (at least one prompt)
-
-
-def check_prompt(prompt_ids: Sequence[int], vocab_size: int, max_seq_len: int) -> None:
-    """Raise ValueError for a prompt that is empty, does not fit the context with one generated token, or
-    holds an id outside the vocabulary."""
-    n = len(prompt_ids)
-    if n == 0:
-        raise ValueError("the prompt is empty: generation needs at least one prompt token")
-    if n >= max_seq_len:
-        raise ValueError(f"the prompt has {n} tokens but the context holds {max_seq_len} "
-                         f"(prompt plus at least one generated token must fit)")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab_size - 1})")
 
 
 class Engine:

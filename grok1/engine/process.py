@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from grok1.engine.engine import Engine, check_prompt
+from grok1.engine.engine import Engine
 from grok1.engine.sampling import SamplingParams
-from grok1.engine.scheduler import Output, QueueFull
+from grok1.engine.scheduler import Output, QueueFull, check_prompt
 
 log = logging.getLogger("grok1.engine")
 
@@ -172,7 +172,7 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     try:
         engine = build()
-    except Exception as e:  # a bad checkpoint etc.: the parent raises it as a clean error
+    except Exception as e:  # noqa: BLE001  a bad checkpoint etc.: the parent raises it as a clean error
         out.send(("error", str(e) or type(e).__name__))
         return
     # The parent enforces the queue limit, counting free slots as room; requests it accepted can reach the

@@ -26,6 +26,20 @@ from grok1.engine.sampling import SamplingParams
 from grok1.tokenizer import Tokenizer
 
 
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int | None, max_seq_len: int) -> None:
+    """Raise ValueError for a prompt that is empty, does not fit the context with one generated token, or
+    (given the vocabulary size) holds an id outside the vocabulary."""
+    n = len(prompt_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty: generation needs at least one prompt token")
+    if n >= max_seq_len:
+        raise ValueError(f"the prompt has {n} tokens but the context holds {max_seq_len} "
+                         f"(prompt plus at least one generated token must fit)")
+    bad = [t for t in prompt_ids if vocab_size is not None and not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab_size - 1})")
+
+
 class QueueFull(Exception):
     """Too many requests are waiting; the caller should retry later (HTTP 429)."""
 
@@ -97,12 +111,7 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         """Queue a request. Raises ValueError for a prompt that does not fit, QueueFull when too many wait."""
-        n = len(req.prompt_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty: generation needs at least one prompt token")
-        if n >= self.max_seq_len:
-            raise ValueError(f"the prompt has {n} tokens but the context holds {self.max_seq_len} "
-                             f"(prompt plus at least one generated token must fit)")
+        check_prompt(req.prompt_ids, None, self.max_seq_len)
         if req.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         if len(self.waiting) >= self.max_queue:

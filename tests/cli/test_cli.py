@@ -112,3 +112,22 @@ def test_every_flag_has_help(command, capsys):
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     for action in sub._actions:
         assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
+
+
+def test_serve_uses_one_thread_for_a_small_model_unless_told(monkeypatch):
+    """The demo model's matmuls are too small to share between threads: serve/chat default to 1 for it."""
+    import torch
+
+    from grok1.cli import serve
+    from grok1.cli.main import build_parser
+    from grok1.config import PRESETS
+
+    threads = torch.get_num_threads()
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    serve.engine_from_args(build_parser().parse_args(["serve", "--max-seq-len", "64"]))
+    serve.engine_from_args(build_parser().parse_args(["serve", "--max-seq-len", "64", "--threads", "3"]))
+    assert calls == [1, 3]
+    assert torch.get_num_threads() == threads  # nothing was really changed for the other tests
+    # larger models keep torch's choice: BENCH.md's config S is already past the limit
+    assert PRESETS["grok-1-mini"].weight_bytes() < serve.SMALL_MODEL_BYTES <= PRESETS["bench-s"].weight_bytes()

@@ -86,6 +86,17 @@ def test_ctrl_c_stops_the_answer_and_ctrl_d_exits(model_args, tmp_path):
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"]
 
 
+def stream_in_background(url, body, events):
+    """POST a streaming completion on a thread, appending its `data:` lines to events; returns the thread."""
+    def stream():
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            events.extend(line for line in r.iter_lines() if line.startswith("data: "))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    return reader
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,12 +121,7 @@ def test_serve_then_chat_over_http_and_graceful_shutdown(model_args):
         events = []
         body = {"model": "tiny-ckpt", "prompt": "Count:", "max_tokens": 60, "stream": True, "ignore_eos": True}
 
-        def stream():
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-                events.extend(line for line in r.iter_lines() if line.startswith("data: "))
-
-        reader = threading.Thread(target=stream)
-        reader.start()
+        reader = stream_in_background(url, body, events)
         deadline = time.monotonic() + 60
         while httpx.get(url + "/health").json()["running"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -142,12 +148,7 @@ def test_shutdown_timeout_cancels_streams_that_run_on(model_args):
         body = {"model": "tiny-ckpt", "prompt": "Go on forever:", "max_tokens": 2000, "stream": True,
                 "ignore_eos": True}
 
-        def stream():
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-                events.extend(line for line in r.iter_lines() if line.startswith("data: "))
-
-        reader = threading.Thread(target=stream)
-        reader.start()
+        reader = stream_in_background(url, body, events)
         deadline = time.monotonic() + 60
         while len(events) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)

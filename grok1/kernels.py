@@ -1,6 +1,7 @@
-"""Compiled CPU kernels (grok1/csrc/linear.cpp), built with torch's C++ extension loader at first use.
+"""Compiled CPU kernels (grok1/csrc/: linear.cpp, attention.cpp), built with torch's C++ extension
+loader at first use, and `CompiledAttention`, which plugs the attention kernel into a finished model.
 
-The build is cached (under ~/.cache/torch_extensions, keyed by source, flags and this CPU's
+The build is cached (under ~/.cache/torch_extensions, keyed by the sources, flags and this CPU's
 instruction set), so only the first run on a machine pays the ~30-60 s compile. Where no
 compiler is available the callers fall back to plain torch, after one warning. Set
 GROK1_KERNELS=0 to force the fallback.
@@ -20,19 +21,26 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).parent / "csrc" / "linear.cpp"
+from grok1.model import Attention, KVCache, Transformer
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "linear.cpp", _CSRC / "attention.cpp"]  # and the header they share, simd.h
 
 # Rows of activations from which the matmul dequantises weight tiles and uses BLAS (compute-bound
 # prefill) instead of streaming the weights through the register kernel (memory-bound decode).
 GEMM_MIN_ROWS = 32
 
 
-def _cpu_tag() -> str:
+def _build_tag() -> str:
+    """This CPU's instruction set and the kernel sources (headers included): a change of either is a new build."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(flags.encode())
+    for path in sorted(_CSRC.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 @functools.cache
@@ -43,13 +51,15 @@ def cpu_ops() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        name = f"grok1_linear_{_cpu_tag()}"
+        name = f"grok1_kernels_{_build_tag()}"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
-            print("grok1: compiling the CPU matmul kernel (first use on this machine, about a minute)...",
-                  file=sys.stderr)
-        return load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            print("grok1: compiling the CPU kernels (first use on this machine, about a minute)...", file=sys.stderr)
+        # -ffp-contract=off: a * b + c stays two roundings unless the source asks for a fused multiply-add
+        # (the attention kernel's RoPE must round as torch's elementwise ops do).
+        return load(name=name, sources=[str(p) for p in _SOURCES],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                     extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, no ninja, unsupported platform: run slower, but run
+    except Exception as e:  # noqa: BLE001  no compiler, no ninja, unsupported platform: run slower, but run
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"grok1: compiled CPU kernel unavailable ({reason}); using the slower pure-torch path",
                       stacklevel=2)
@@ -78,3 +88,37 @@ def experts(x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor, w: tuple[Tensor, ...]
     with weights gate_NA[t] (float32); w = (w1, w3, w2) stacked [E, ., .] in any stored format, scales
     likewise. Returns [N, D]. The caller checks `applies` first."""
     return cpu_ops().experts(x_ND, idx_NA, gate_NA, w[0], scales[0], w[1], scales[1], w[2], scales[2], GEMM_MIN_ROWS)
+
+
+def attention_applies(x: Tensor, cache: KVCache | None) -> bool:
+    """Whether `CompiledAttention` runs the kernel for this call: one token per row, over a float32 CPU
+    cache, float32 activations, no gradient, kernel built."""
+    return cache is not None and x.shape[1] == 1 and cache.k.dtype == torch.float32 and applies(x, cache.k)
+
+
+class CompiledAttention(Attention):
+    """Attention whose one-token-per-row calls with a cache (decode rows, and prompt tokens riding along
+    with them) run the compiled kernel: RoPE, the cache write and attention over the cache read in place,
+    in one call, instead of a gathered copy of the cache and a dozen small tensor ops. Every other call
+    (prefill, no cache, other devices or dtypes, training) is the model's own Attention.forward."""
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor,
+                cache: KVCache | None, kv_len: int, rows: Tensor | None = None) -> Tensor:
+        if not attention_applies(x, cache):
+            return super().forward(x, cos, sin, mask, pos, cache, kv_len, rows)
+        assert cache is not None
+        B = x.shape[0]
+        qkv = self.wqkv(x).view(B, -1)  # [B, (H + 2K) * Hd]
+        rows = rows if rows is not None else torch.arange(B, device=x.device)
+        out = cpu_ops().decode_attention(qkv, cos.view(B, -1), sin.view(B, -1), pos.view(B), rows,
+                                         cache.k[self.layer_id], cache.v[self.layer_id], cache.valid, kv_len,
+                                         self.scale, self.softcap)  # [B, H * Hd]
+        return self.wo(out.view(B, 1, -1))
+
+
+def compile_attention(model: Transformer) -> Transformer:
+    """Make every layer's attention a CompiledAttention (same weights; it falls back to the plain path
+    wherever the kernel does not apply). Returns the model."""
+    for layer in model.layers:
+        layer.attention.__class__ = CompiledAttention
+    return model

@@ -10,7 +10,7 @@ ALLOWED = {
     "config": set(),
     "tokenizer": set(),
     "model": {"config"},
-    "kernels": set(),  # compiled CPU kernels: a leaf, used by quant
+    "kernels": {"model"},  # compiled CPU kernels, and CompiledAttention (a model.Attention subclass); used by quant
     "quant": {"config", "model", "kernels"},
     "parallel": {"config", "model", "quant", "kernels"},
     "weights": {"config", "model", "quant", "kernels", "parallel"},

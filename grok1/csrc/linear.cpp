@@ -17,10 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define GROK1_AVX2 1
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -368,26 +365,10 @@ void gelu_mul(float* h, const float* u, int64_t n) {
   int64_t i = 0;
 #ifdef GROK1_AVX2
   const __m256 c1 = _mm256_set1_ps(-2.f * 0.7978845608028654f), c3 = _mm256_set1_ps(-2.f * 0.7978845608028654f * 0.044715f);
-  const __m256 one = _mm256_set1_ps(1.f), lo = _mm256_set1_ps(-87.f), hi = _mm256_set1_ps(87.f);
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), ln2_hi = _mm256_set1_ps(0.693359375f),
-               ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 one = _mm256_set1_ps(1.f);
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(h + i);
-    // e = exp(-2 z), z as above: a Cephes-style exp (range reduction by ln 2, degree-6 polynomial)
-    __m256 x = _mm256_mul_ps(v, _mm256_fmadd_ps(_mm256_mul_ps(v, v), c3, c1));
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(fx, ln2_hi, x);
-    r = _mm256_fnmadd_ps(fx, ln2_lo, r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
-    const __m256i e2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(e2));
+    const __m256 e = grok1::exp8(_mm256_mul_ps(v, _mm256_fmadd_ps(_mm256_mul_ps(v, v), c3, c1)));  // exp(-2 z)
     const __m256 g = _mm256_div_ps(v, _mm256_add_ps(one, e));
     _mm256_storeu_ps(h + i, _mm256_mul_ps(g, _mm256_loadu_ps(u + i)));
   }
@@ -494,10 +475,16 @@ torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, to
   return y;
 }
 
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor pos,
+                               torch::Tensor rows, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor valid,
+                               int64_t kv_len, double scale, double cap);  // attention.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the kernels run: a server's event loop keeps going meanwhile.
   m.def("linear", &linear, "y = x @ W.T with W int8 (+scales), packed int4 (+scales), bf16 or fp32",
         py::call_guard<py::gil_scoped_release>());
   m.def("experts", &experts, "the experts of one MoE layer: y[t] = sum_a gate[t, a] * expert_idx[t, a](x[t])",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention", &decode_attention, "RoPE, cache write and attention for one-token queries over the KV cache",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -1,9 +1,10 @@
 """Engine: owns the model, the tokenizer, one static KV cache and the Scheduler.
 
 `step()` is schedule -> run the model -> sample -> postprocess:
-  - requests admitted this step are prefilled together, right-padded, into their own cache rows
-    (`cache_rows`), giving the logits of each prompt's last token;
-  - every other running request decodes one token in a single batched forward over its rows;
+  - requests admitted this step are prefilled into their own cache rows (`cache_rows`), giving the
+    logits of each prompt's last token: short prompts as one-token rows in the same forward as the
+    decode rows, longer ones together, right-padded;
+  - every other running request decodes one token in a batched forward over its rows;
   - one token is sampled per request with its own SamplingParams and seeded generator, so a
     request gets the same tokens whatever else shares the batch.
 
@@ -110,7 +111,7 @@ class Engine:
             batch, emits = self.scheduler.schedule()
         batch.decode.sort(key=lambda r: r.slot)  # row order (outputs follow the requests, so any order is fine)
         if len(batch):
-            if batch.prefill and batch.decode and self._fits_one_pass(batch):
+            if batch.prefill and self._fits_one_pass(batch):
                 logits = self._prefill_with_decode(batch.prefill, batch.decode)
             else:
                 parts = [self._prefill(batch.prefill)] if batch.prefill else []
@@ -140,8 +141,9 @@ class Engine:
         return self.model(tokens, start, self.cache, logits_at=lengths - 1, cache_rows=rows)  # [B, V]
 
     def _fits_one_pass(self, batch: Batch) -> bool:
-        """Short prompts ride along with the decode rows in one forward while the rows stay below the
-        point where the matmuls switch kernels (so every row's arithmetic is the same as alone)."""
+        """Short prompts run as one-token rows (riding along with the decode rows, if any) while the rows stay
+        below the point where the matmuls switch kernels: a prompt then gets the same arithmetic whether it
+        arrives alone or joins a running batch."""
         return len(batch.decode) + sum(len(r.prompt_ids) for r in batch.prefill) < ONE_PASS_ROWS
 
     def _prefill_with_decode(self, prefill: list[Request], decode: list[Request]) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from grok1.config import ModelConfig, from_name
+from grok1.kernels import compile_attention
 from grok1.model import Transformer
 from grok1.quant import QEmbedding, swap_to_int8
 from grok1.weights import legacy, names
@@ -114,7 +115,8 @@ def _assign(model: nn.Module, name: str, tensor: Tensor, dtype: torch.dtype) -> 
 def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
     """Load a checkpoint (grok1 safetensors or the release's ckpt-0) into an eval-mode Transformer
-    computing in `dtype` on `device`. int8 weights stay int8."""
+    computing in `dtype` on `device`. int8 weights stay int8; attention runs the compiled kernel where it
+    applies (kernels.CompiledAttention)."""
     dtype = dtype or default_dtype(device)
     stored_table = False
     if st.is_checkpoint(checkpoint):
@@ -139,7 +141,7 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
-    return model.eval()
+    return compile_attention(model.eval())
 
 
 def weight_kind(model: Transformer) -> str:

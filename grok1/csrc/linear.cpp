@@ -167,14 +167,35 @@ inline void load16(const uint8_t* row, int64_t k, __m256& a, __m256& b) {
     b = _mm256_loadu_ps(p + 8);
   }
 }
+
+#ifdef GROK1_AVX512
+// load16 in one 16-lane register (lanes 0-7 = a, 8-15 = b).
+template <Fmt F>
+inline __m512 load16x(const uint8_t* row, int64_t k) {
+  if constexpr (F == Fmt::I8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
+  } else if constexpr (F == Fmt::I4) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k / 32) * 16));
+    const __m128i nib = (k % 32 == 0) ? _mm_and_si128(bytes, _mm_set1_epi8(15))
+                                      : _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(nib), _mm512_set1_epi32(8)));
+  } else if constexpr (F == Fmt::BF16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  } else {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + k);
+  }
+}
+#endif
 #endif
 
 // y[m, n] = sum_k x[m, k] * W[n, k] for a block of MR activation rows x NR weight rows: each weight
 // vector converted once for the MR rows, each activation vector loaded once for the NR weight rows.
 // Every (m, n) is computed in the same order whatever the block shape:
 //   hsum(sum_g s_g * (acc0_g + acc1_g)) + sum_g s_g * tail_g
-// (acc0/acc1: 8-lane partial sums over the group's inputs in steps of 16, then one step of 8 into acc0;
-// tail_g: the inputs after the last whole 8). So a row of activations gets bit-identical results
+// (acc0/acc1: 8-lane partial sums over the group's inputs in steps of 16, then one step of 8 into acc0, then
+// the group's last 1..7 inputs into acc0 (an 8-wide step whose extra lanes see zero activations); tail_g:
+// only without AVX2, or for groups of fewer than 8 inputs). So a row of activations gets bit-identical results
 // whatever other rows share the call: batching does not change outputs. Scales are applied per group
 // as a vector, not after a horizontal sum per group: groups are cheap (int4 has one per 32 inputs).
 template <int MR, int NR, Fmt F>
@@ -197,6 +218,26 @@ inline void dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float
     __m256 acc[MR][NR][2];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
+#ifdef GROK1_AVX512
+    // The same arithmetic in 16-lane registers: lanes 0-7 are acc[..][0], lanes 8-15 acc[..][1], so the
+    // results are bit-identical to the AVX2 loop below, with half the instructions. Only for groups of a
+    // multiple of 16 inputs (else most 64-byte activation loads would straddle two cache lines).
+    if (kg % 16 == 0) {
+      __m512 acc16[MR][NR];
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NR; ++j) acc16[r][j] = _mm512_setzero_ps();
+      for (; k + 16 <= k1; k += 16)
+        for (int j = 0; j < NR; ++j) {
+          const __m512 w = load16x<F>(rows[j], k);
+          for (int r = 0; r < MR; ++r) acc16[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k), w, acc16[r][j]);
+        }
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NR; ++j) {
+          acc[r][j][0] = _mm512_castps512_ps256(acc16[r][j]);
+          acc[r][j][1] = _mm512_extractf32x8_ps(acc16[r][j], 1);
+        }
+    }
+#endif
     for (; k + 16 <= k1; k += 16)
       for (int j = 0; j < NR; ++j) {  // one weight vector pair live at a time: no spills with 16 registers
         __m256 w0, w1;
@@ -214,6 +255,20 @@ inline void dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float
         for (int j = 0; j < NR; ++j) acc[r][j][0] = _mm256_fmadd_ps(x0, w[j], acc[r][j][0]);
       }
       k += 8;
+    }
+    if (F != Fmt::I4 && k < k1 && kg >= 8) {
+      // The group's last 1..7 inputs: one 8-wide step over its last 8 inputs, the activations of the
+      // ones already summed zeroed (every read stays inside the group).
+      const int64_t rem = k1 - k;
+      const __m256 keep = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(7 - rem))));
+      __m256 w[NR];
+      for (int j = 0; j < NR; ++j) w[j] = load8<F>(rows[j], k1 - 8).v;
+      for (int r = 0; r < MR; ++r) {
+        const __m256 x0 = _mm256_and_ps(_mm256_loadu_ps(x + r * ldx + k1 - 8), keep);
+        for (int j = 0; j < NR; ++j) acc[r][j][0] = _mm256_fmadd_ps(x0, w[j], acc[r][j][0]);
+      }
+      k = k1;
     }
     for (int j = 0; j < NR; ++j) {
       const __m256 sv = _mm256_set1_ps(s[j]);

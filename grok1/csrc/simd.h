@@ -4,6 +4,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define GROK1_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define GROK1_AVX512 1  // 16-lane versions of some AVX2 loops, with the same results
+#endif
 
 namespace grok1 {
 

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine_thread:
         engine: Engine | EngineProcess = engine_from_args(args)
     else:
-        engine = EngineProcess(partial(engine_from_args, args))
+        engine = EngineProcess(partial(engine_from_args, args), tokenizer)
     name = args.model_name or Path(args.checkpoint).resolve().name
     print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "
           f"chat page at http://{args.host}:{args.port}/", flush=True)

@@ -66,12 +66,14 @@ class Engine:
     # ---- requests (any thread) ----
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
-                    logprobs: int | None = None, on_output: Callable[[Output], None] | None = None) -> Request:
+                    logprobs: int | None = None, on_output: Callable[[Output], None] | None = None,
+                    detokenize: bool = True) -> Request:
         """Queue a prompt. Raises ValueError (prompt empty, too long for the context, or an id outside the
-        vocabulary) or QueueFull."""
+        vocabulary) or QueueFull. detokenize=False: outputs carry no text unless stop strings need it (a
+        caller that decodes the ids itself)."""
         check_prompt(prompt_ids, self.model.config.vocab_size, self.max_seq_len)
         req = Request(list(prompt_ids), params, logprobs=logprobs if logprobs is not None else
-                      (params.logprobs or None), on_output=on_output)
+                      (params.logprobs or None), on_output=on_output, detokenize=detokenize)
         if request_id is not None:
             req.id = request_id
         with self.lock:

@@ -12,11 +12,14 @@ the parent (same errors as Engine.add_request), outputs come back once per step 
 reach each request's `on_output` on the parent's reader thread.
 
 The child builds its own Engine by calling `build()` (a picklable zero-argument callable), so the
-weights are loaded once, in the process that uses them.
+weights are loaded once, in the process that uses them. Given the `tokenizer`, the parent turns token
+ids into text itself (the model's process is the busy one), except for requests with stop strings,
+whose text the child needs to see.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -27,8 +30,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from grok1.engine.engine import Engine
+from grok1.engine.generate import TextStream
 from grok1.engine.sampling import SamplingParams
 from grok1.engine.scheduler import Output, QueueFull, check_prompt
+from grok1.tokenizer import Tokenizer
 
 log = logging.getLogger("grok1.engine")
 
@@ -40,10 +45,22 @@ class RemoteRequest:
     prompt_ids: list[int]
     on_output: Callable[[Output], None] | None
     finish_reason: str | None = None
+    stream: TextStream | None = None  # the parent decodes this request's text (the child sends ids only)
+
+    def text_of(self, out: Output) -> Output:
+        """The output with its text decoded here, as the Scheduler would have (see Scheduler.postprocess)."""
+        if self.stream is None:
+            return out
+        text = "".join(self.stream.push(t) for t in out.token_ids)
+        if out.finish_reason in ("eos", "length"):
+            text += self.stream.finish()
+        return dataclasses.replace(out, text=text)
 
 
 class EngineProcess:
-    def __init__(self, build: Callable[[], Engine], start_timeout: float = 600.0) -> None:
+    def __init__(self, build: Callable[[], Engine], tokenizer: Tokenizer | None = None,
+                 start_timeout: float = 600.0) -> None:
+        self.tokenizer = tokenizer
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited OpenMP or torch thread state
         child_in, self._to_child = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self._from_child, child_out = ctx.Pipe(duplex=False)
@@ -93,8 +110,10 @@ class EngineProcess:
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting (the limit is {self.max_queue})")
             req = RemoteRequest(request_id, list(prompt_ids), on_output)
+            if self.tokenizer is not None and not params.stop:
+                req.stream = TextStream(self.tokenizer, (), req.prompt_ids)
             self.requests[request_id] = req
-            self._to_child.send(("add", request_id, req.prompt_ids, params, logprobs))
+            self._to_child.send(("add", request_id, req.prompt_ids, params, logprobs, req.stream is None))
         return req
 
     def cancel(self, request_id: str) -> None:
@@ -153,7 +172,7 @@ class EngineProcess:
                         req.finish_reason = out.finish_reason
                         del self.requests[out.request_id]
                 if req is not None and req.on_output is not None:
-                    req.on_output(out)
+                    req.on_output(req.text_of(out))
         if not self.stopping:
             log.error("the engine process exited (exit code %s); failing its requests", self.proc.exitcode)
         self._fail_all("error" if not self.stopping else "cancelled")
@@ -200,9 +219,10 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection)
             except EOFError:  # the parent is gone
                 msg = ("stop",)
             if msg[0] == "add":
-                _, request_id, prompt_ids, params, logprobs = msg
+                _, request_id, prompt_ids, params, logprobs, detokenize = msg
                 try:
-                    engine.add_request(prompt_ids, params, request_id, logprobs, on_output=outputs.append)
+                    engine.add_request(prompt_ids, params, request_id, logprobs, on_output=outputs.append,
+                                       detokenize=detokenize)
                 except (ValueError, QueueFull, RuntimeError):  # raced past the parent's checks
                     outputs.append(Output(request_id, [], "", [], "error", len(prompt_ids), 0))
             elif msg[0] == "cancel":

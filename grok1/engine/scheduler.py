@@ -70,6 +70,7 @@ class Request:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k alternatives
     on_output: Callable[[Output], None] | None = None  # called on the engine thread
+    detokenize: bool = True  # False: outputs carry token ids and no text (unless stop strings need the text)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     slot: int = -1  # the KV-cache row while running
@@ -118,7 +119,8 @@ class Scheduler:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
         if req.id in self.requests:
             raise ValueError(f"request id {req.id!r} is already in use")
-        req.stream = TextStream(self.tokenizer, req.params.stop, req.prompt_ids) if self.tokenizer else None
+        wants_text = req.detokenize or req.params.stop
+        req.stream = TextStream(self.tokenizer, req.params.stop, req.prompt_ids) if self.tokenizer and wants_text else None
         if req.params.seed is not None:
             req.generator = torch.Generator().manual_seed(req.params.seed)
         self.waiting.append(req)

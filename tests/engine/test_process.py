@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 
+from grok1.cli.common import tokenizer_from_args
 from grok1.cli.main import build_parser
 from grok1.cli.serve import engine_from_args
 from grok1.engine.process import EngineProcess
@@ -28,6 +29,15 @@ def in_process():
 
 @pytest.fixture(scope="module")
 def child():
+    """The engine process as `grok1 serve` runs it: the parent decodes text (given the tokenizer)."""
+    proc = EngineProcess(partial(engine_from_args, serve_args()), tokenizer_from_args(serve_args()))
+    yield proc
+    proc.shutdown()
+
+
+@pytest.fixture(scope="module")
+def child_decoding_there():
+    """Without a tokenizer in the parent, the child decodes every request's text."""
     proc = EngineProcess(partial(engine_from_args, serve_args()))
     yield proc
     proc.shutdown()
@@ -53,20 +63,27 @@ class Collector:
         return "".join(o.text for o in self.outputs)
 
 
-def test_child_gives_the_in_process_engines_greedy_tokens_and_text(in_process, child):
-    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+@pytest.mark.parametrize("which", ["child", "child_decoding_there"])
+def test_child_gives_the_in_process_engines_greedy_tokens_and_text(in_process, which, request):
+    """Same tokens, same text chunk by chunk, same finish, wherever the text is decoded; a request with stop
+    strings (decoded in the child, which must see the text to stop) ends where the in-process engine's does."""
+    child = request.getfixturevalue(which)
     tok = in_process.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]
-    expected = in_process.generate(prompts, [greedy] * len(prompts))
+    params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (12, 30, 7, 12)]
+    first = in_process.generate(prompts[:1], params[:1])[0].text
+    params[3] = SamplingParams(temperature=0, max_new_tokens=40, stop=(first[len(first) // 2 :][:3],))
+    prompts[3] = prompts[0]
+    expected = [list(in_process.stream(ids, sp)) for ids, sp in zip(prompts, params)]
     collectors = [Collector() for _ in prompts]
-    for ids, c in zip(prompts, collectors):  # all at once: they share the child's batch
-        child.add_request(ids, greedy, on_output=c)
+    for ids, sp, c in zip(prompts, params, collectors):  # all at once: they share the child's batch
+        child.add_request(ids, sp, on_output=c)
     for c, want in zip(collectors, expected):
         assert c.done.wait(60), "no finish from the engine process"
-        assert c.token_ids == want.output_ids
-        assert c.text == want.text
-        assert c.outputs[-1].finish_reason == want.finish_reason
-    assert child.stats()["running"] == 0 and child.stats()["generated_tokens"] >= 4 * 12
+        assert [(o.token_ids, o.text, o.finish_reason) for o in c.outputs] == \
+               [(o.token_ids, o.text, o.finish_reason) for o in want]
+    assert collectors[3].outputs[-1].finish_reason == "stop"
+    assert child.stats()["running"] == 0 and child.stats()["generated_tokens"] >= 12 + 30 + 7
 
 
 def test_bad_requests_fail_in_the_parent_with_the_engines_errors(child):

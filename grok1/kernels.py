@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (grok1/csrc/: linear.cpp, attention.cpp), built with torch's C++ extension
+"""Compiled CPU kernels (grok1/csrc/: linear.cpp, attention.cpp, argmax.cpp), built with torch's C++ extension
 loader at first use, and `CompiledAttention`, which plugs the attention kernel into a finished model.
 
 The build is cached (under ~/.cache/torch_extensions, keyed by the sources, flags and this CPU's
@@ -24,7 +24,7 @@ from torch import Tensor
 from grok1.model import Attention, KVCache, Transformer
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "linear.cpp", _CSRC / "attention.cpp"]  # and the header they share, simd.h
+_SOURCES = [_CSRC / "linear.cpp", _CSRC / "attention.cpp", _CSRC / "argmax.cpp"]  # and their header, simd.h
 
 # Rows of activations from which the matmul dequantises weight tiles and uses BLAS (compute-bound
 # prefill) instead of streaming the weights through the register kernel (memory-bound decode).
@@ -88,6 +88,14 @@ def experts(x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor, w: tuple[Tensor, ...]
     with weights gate_NA[t] (float32); w = (w1, w3, w2) stacked [E, ., .] in any stored format, scales
     likewise. Returns [N, D]. The caller checks `applies` first."""
     return cpu_ops().experts(x_ND, idx_NA, gate_NA, w[0], scales[0], w[1], scales[1], w[2], scales[2], GEMM_MIN_ROWS)
+
+
+def argmax(x: Tensor) -> Tensor:
+    """Row-wise argmax of [B, V] logits, torch.argmax(x, -1)'s answer (lowest index on ties, first NaN):
+    compiled for float32 CPU tensors (torch's CPU argmax is a scalar loop), torch's elsewhere."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1] and cpu_ops() is not None:
+        return cpu_ops().argmax(x)
+    return x.argmax(dim=-1)
 
 
 def attention_applies(x: Tensor, cache: KVCache | None) -> bool:

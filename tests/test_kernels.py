@@ -126,3 +126,20 @@ def test_experts_op_matches_the_definition_and_batching_changes_nothing(ops, fmt
                                atol=1e-4, rtol=1e-4)
     alone = torch.cat([kernels.experts(x[t : t + 1], idx[t : t + 1], gate[t : t + 1], ws, ss) for t in range(N)])
     assert torch.equal(y, alone)
+
+
+@pytest.mark.parametrize("B,V", [(1, 1), (3, 7), (2, 16), (5, 4096), (2, 131075)])
+def test_argmax_is_torch_argmax_with_ties_infinities_and_nan(ops, B, V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(B, V, generator=g)
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    x = torch.randint(0, 3, (B, V), generator=g).float()  # many equal maxima: the lowest index wins
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    x[:, V // 2 :] = float("inf")
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    x = torch.full((B, V), float("-inf"))
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    x = torch.randn(B, V, generator=g)
+    x[0, V - 1] = float("nan")  # torch treats NaN as the maximum: its first NaN
+    x[-1, V // 3] = x[-1, V // 2] = float("nan")
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))

@@ -533,6 +533,7 @@ torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, to
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor pos,
                                torch::Tensor rows, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor valid,
                                int64_t kv_len, double scale, double cap);  // attention.cpp
+torch::Tensor argmax_rows(torch::Tensor x);  // argmax.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the kernels run: a server's event loop keeps going meanwhile.
@@ -541,5 +542,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("experts", &experts, "the experts of one MoE layer: y[t] = sum_a gate[t, a] * expert_idx[t, a](x[t])",
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, "RoPE, cache write and attention for one-token queries over the KV cache",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("argmax", &argmax_rows, "row-wise argmax of float32 [B, V], torch.argmax's answer",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -25,6 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from grok1 import kernels
 from grok1.engine.cache import clear_slot
 from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob, check_prompt
@@ -176,7 +177,7 @@ class Engine:
 
     def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:
         """One token per request, with its own SamplingParams and generator (greedy rows: argmax)."""
-        return sample_requests(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return sample_requests(logits, [r.params for r in reqs], [r.generator for r in reqs], kernels.argmax)
 
     def _logprobs(self, logits: Tensor, tokens: Tensor, reqs: list[Request]) -> list[TokenLogprob | None]:
         rows = [i for i, r in enumerate(reqs) if r.logprobs is not None]

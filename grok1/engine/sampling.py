@@ -12,13 +12,19 @@ loop, not by these functions.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 MAX_LOGPROBS = 20
+
+ArgMax = Callable[[Tensor], Tensor]  # [B, V] -> [B] int64, torch.argmax(x, -1)'s answer (e.g. kernels.argmax)
+
+
+def torch_argmax(x: Tensor) -> Tensor:
+    return x.argmax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ def sample(
     generators: Sequence[torch.Generator | None],
     use_top_k: bool = True,
     use_top_p: bool = True,
+    argmax: ArgMax = torch_argmax,
 ) -> Tensor:
     """Draw one token id per row.
 
@@ -109,7 +116,7 @@ def sample(
     apply top-k then top-p, and draw with the exponential race argmax(probs / Exp(1)),
     which samples from probs. Every row consumes V noise draws, greedy or not.
     use_top_k / use_top_p = False skip a filter (each sorts the whole vocabulary) when the caller
-    knows no row uses it. Returns [B] int64.
+    knows no row uses it; `argmax` computes the row-wise argmaxes. Returns [B] int64.
     """
     assert logits.dim() == 2 and len(generators) == logits.size(0), (tuple(logits.shape), len(generators))
     logits = logits.float()
@@ -123,23 +130,24 @@ def sample(
     probs = scaled.softmax(dim=-1)  # [B, V]
     noise = torch.stack([torch.empty_like(probs[b]).exponential_(generator=g) for b, g in enumerate(generators)])
     noise = noise.clamp(min=torch.finfo(noise.dtype).tiny)  # a 0 draw would make 0/0 = nan win the argmax
-    sampled = (probs / noise).argmax(dim=-1)  # [B]
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    sampled = argmax(probs / noise)  # [B]
+    return torch.where(greedy, argmax(logits), sampled)
 
 
 def sample_requests(logits: Tensor, params: Sequence[SamplingParams],
-                    generators: Sequence[torch.Generator | None]) -> Tensor:
+                    generators: Sequence[torch.Generator | None], argmax: ArgMax = torch_argmax) -> Tensor:
     """One token per row for rows with their own SamplingParams: greedy rows take the argmax (what
     `sample` gives them) without its full-vocabulary sorts and noise; the others go through `sample`,
     with only the filters some row uses. logits [B, V] -> [B] int64."""
-    tokens = logits.argmax(dim=-1)  # [B]
+    tokens = argmax(logits)  # [B]
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
         chosen = [params[i] for i in rows]
         t, p, k = params_to_tensors(chosen, logits.device)
         idx = torch.tensor(rows, device=logits.device)
         tokens[idx] = sample(logits[idx], t, p, k, [generators[i] for i in rows],
-                             use_top_k=any(c.top_k > 0 for c in chosen), use_top_p=any(c.top_p < 1 for c in chosen))
+                             use_top_k=any(c.top_k > 0 for c in chosen), use_top_p=any(c.top_p < 1 for c in chosen),
+                             argmax=argmax)
     return tokens
 
 

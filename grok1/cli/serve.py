@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
+from grok1.config import ModelConfig
 from grok1.engine.engine import Engine, EngineConfig
-from grok1.engine.process import EngineProcess
+from grok1.engine.process import EngineProcess, pin_process
 from grok1.tokenizer import PERSONAS
 
 # Below this many weight bytes a model's matmuls take microseconds: waking a second thread for each costs
@@ -34,16 +36,34 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="system prompt for chats that bring none: grok = witty, with a rebellious streak")
 
 
+def engine_threads(args: argparse.Namespace, cfg: ModelConfig) -> int | None:
+    """CPU threads for the model: --threads, else 1 for a small model on CPU, else None (torch's default)."""
+    threads = args.threads
+    if threads is None and torch.device(args.device).type == "cpu" and cfg.weight_bytes() < SMALL_MODEL_BYTES:
+        threads = 1
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    return threads
+
+
+def engine_cpus(args: argparse.Namespace, cfg: ModelConfig) -> set[int] | None:
+    """The CPUs to pin the engine process to: the last `threads` of this process's CPUs, when the model runs
+    on CPU with fewer threads than there are CPUs (the rest serve HTTP). None: no pinning."""
+    threads = engine_threads(args, cfg)
+    if args.engine_thread or args.no_pin or threads is None or torch.device(args.device).type != "cpu":
+        return None
+    if not hasattr(os, "sched_getaffinity"):  # not Linux
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return set(cpus[-threads:]) if len(cpus) > threads else None
+
+
 def engine_from_args(args: argparse.Namespace) -> Engine:
     cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
     model = model_from_args(args, cfg)
-    threads = args.threads
-    if threads is None and torch.device(args.device).type == "cpu" and cfg.weight_bytes() < SMALL_MODEL_BYTES:
-        threads = 1
+    threads = engine_threads(args, cfg)
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     if args.max_batch < 1 or args.max_seq_len < 2:
         raise ValueError(f"--max-batch must be >= 1 and --max-seq-len >= 2 (got {args.max_batch}, {args.max_seq_len})")
@@ -67,6 +87,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="run the engine on a thread of the server process instead of in its own process (the "
                         "default; there the server's per-token Python never waits on the model's, and the other "
                         "way round)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the engine process to its own CPUs (by default, when the model runs on CPU with "
+                        "fewer threads than there are CPUs, the engine gets the last --threads CPUs and the HTTP "
+                        "server the others, so neither preempts the other)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on Ctrl-C/SIGTERM, let running streams finish for S seconds, then end them with an error "
                         "event and [DONE] (default 10)")
@@ -78,12 +102,18 @@ def run(args: argparse.Namespace) -> int:
     from grok1.server.run import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config_from_args(args)  # fail fast on a bad checkpoint path or config, before starting anything
+    cfg = config_from_args(args)  # fail fast on a bad checkpoint path or config, before starting anything
     tokenizer = tokenizer_from_args(args)
     if args.engine_thread:
         engine: Engine | EngineProcess = engine_from_args(args)
     else:
-        engine = EngineProcess(partial(engine_from_args, args), tokenizer)
+        cpus = engine_cpus(args, cfg)
+        engine = EngineProcess(partial(engine_from_args, args), tokenizer, cpus=cpus)
+        if cpus:  # this process (HTTP, tokenizing, streaming) keeps off the engine's CPUs
+            pin_process(os.sched_getaffinity(0) - cpus)
+            print(f"grok1 serve: engine process on CPU {', '.join(map(str, sorted(cpus)))}, "
+                  f"HTTP on CPU {', '.join(map(str, sorted(os.sched_getaffinity(0))))} (--no-pin to turn off)",
+                  flush=True)
     name = args.model_name or Path(args.checkpoint).resolve().name
     print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "
           f"chat page at http://{args.host}:{args.port}/", flush=True)

@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -59,12 +60,13 @@ class RemoteRequest:
 
 class EngineProcess:
     def __init__(self, build: Callable[[], Engine], tokenizer: Tokenizer | None = None,
-                 start_timeout: float = 600.0) -> None:
+                 cpus: set[int] | None = None, start_timeout: float = 600.0) -> None:
+        """`cpus`: pin the child (and the threads it starts) to these CPUs (Linux)."""
         self.tokenizer = tokenizer
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited OpenMP or torch thread state
         child_in, self._to_child = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self._from_child, child_out = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_child_main, args=(build, child_out, child_in), name="grok1-engine",
+        self.proc = ctx.Process(target=_child_main, args=(build, child_out, child_in, cpus), name="grok1-engine",
                                 daemon=True)
         self.proc.start()
         child_in.close()
@@ -186,9 +188,22 @@ class EngineProcess:
                 req.on_output(Output(req.id, [], "", [], reason, len(req.prompt_ids), 0))
 
 
-def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection) -> None:
+def pin_process(cpus: set[int]) -> None:
+    """Run every thread of this process on `cpus` (Linux); threads started later inherit it from their creator.
+    Every thread, because some start early (while torch is imported, or an EngineProcess's reader)."""
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    for tid in tasks:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread has ended meanwhile
+            pass
+
+
+def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection, cpus: set[int] | None) -> None:
     """The child: build the Engine, then step it, reading requests between steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    if cpus:
+        pin_process(cpus)
     try:
         engine = build()
     except Exception as e:  # noqa: BLE001  a bad checkpoint etc.: the parent raises it as a clean error

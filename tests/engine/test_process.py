@@ -142,3 +142,33 @@ def test_a_bad_checkpoint_is_a_clean_error_from_the_child(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError):
         EngineProcess(partial(engine_from_args, serve_args("--checkpoint", str(tmp_path))))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux CPU affinity and at least 2 CPUs")
+def test_engine_process_runs_on_the_cpus_it_is_given():
+    """`grok1 serve` pins the engine to its own CPUs; the child (and its threads) stay there and still serve."""
+    cpu = max(os.sched_getaffinity(0))
+    proc = EngineProcess(partial(engine_from_args, serve_args()), cpus={cpu})
+    try:
+        assert os.sched_getaffinity(proc.proc.pid) == {cpu}
+        for tid in os.listdir(f"/proc/{proc.proc.pid}/task"):
+            assert os.sched_getaffinity(int(tid)) == {cpu}
+        c = Collector()
+        proc.add_request([5, 6, 7], SamplingParams(temperature=0, max_new_tokens=3), on_output=c)
+        assert c.done.wait(60) and len(c.token_ids) == 3
+    finally:
+        proc.shutdown()
+
+
+def test_serve_pins_the_engine_only_when_cpus_are_left_for_http():
+    from grok1.cli.serve import engine_cpus
+    from grok1.config import from_name
+
+    cfg = from_name("grok-1-mini")  # small: 1 thread by default
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    expected = {cpus[-1]} if len(cpus) > 1 else None
+    assert engine_cpus(serve_args(), cfg) == expected
+    assert engine_cpus(serve_args("--no-pin"), cfg) is None
+    assert engine_cpus(serve_args("--engine-thread"), cfg) is None
+    assert engine_cpus(serve_args("--threads", str(max(1, len(cpus)))), cfg) is None  # nothing left for HTTP

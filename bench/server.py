@@ -4,7 +4,8 @@ Starts `grok1 serve` as a subprocess on a free loopback port, then for each conc
 that many streaming clients (each sending `--requests` completions one after another, greedy,
 `--max-tokens` tokens, EOS ignored), in `--reps` rounds over all levels, and prints one JSON line
 per level: aggregate throughput (completion tokens / wall seconds; the median over the rounds, each
-round's value in `tokens_per_s_each_rep`), time to first token and time per output token (p50, p99
+round's value in `tokens_per_s_each_rep`, and each round's ratio to the first level's same round in
+`x_first_level_each_rep`), time to first token and time per output token (p50, p99
 over all requests of the level), errors, the engine's mean step time and batch, and
 `other_cpu_pct` (CPU used by processes other than the server, its engine process and this script,
 over the whole series: the machine is shared). `--soak S` then runs the highest level for S seconds and reports
@@ -185,7 +186,7 @@ def engine_summary(before: dict[str, float], after: dict[str, float]) -> dict:
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "grok1", "serve", "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--model-name", "bench",
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--no-pin"] if args.no_pin else [])
     for flag in ("checkpoint", "config", "tokenizer", "preset", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
@@ -238,6 +239,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="server --threads (default 1; see grok1 serve --help)")
     ap.add_argument("--soak", type=float, default=60, help="seconds of soak at the highest level (0 = none)")
     ap.add_argument("--table", action="store_true", help="also print a markdown table on stderr")
+    ap.add_argument("--no-pin", action="store_true", help="pass --no-pin to grok1 serve (engine not pinned to its CPU)")
     args = ap.parse_args()
     if args.golden:
         args.checkpoint, args.config = str(GOLDEN / "tiny-ckpt"), str(GOLDEN / "tiny-config.json")
@@ -267,6 +269,8 @@ def main() -> None:
             row = base | {"clients": c, "reps": args.reps} | summarize(pooled, sum(w for _, w, _, _ in runs[c]))
             each = [summarize(res, w)["tokens_per_s"] for res, w, _, _ in runs[c]]
             row["tokens_per_s"], row["tokens_per_s_each_rep"] = round(median(each), 1), each
+            first = [summarize(res, w)["tokens_per_s"] for res, w, _, _ in runs[levels[0]]]
+            row["x_first_level_each_rep"] = [round(e / f, 2) if f else None for e, f in zip(each, first)]
             steps = {k: sum(after[k] - before[k] for _, _, before, after in runs[c]) for k in runs[c][0][2]}
             row |= engine_summary({k: 0.0 for k in steps}, steps) | {"other_cpu_pct": meters[c].other_pct(),
                                                                      "loadavg_1m": os.getloadavg()[0]}
@@ -289,10 +293,11 @@ def main() -> None:
         server.wait(timeout=60)
     if args.table and rows:
         one = rows[0]["tokens_per_s"] or float("nan")
-        print("| clients | tokens/s | x 1 client | TTFT p50 / p99 ms | TPOT p50 / p99 ms | engine step ms (batch) "
-              "| errors | other CPU % |\n|---|---|---|---|---|---|---|---|", file=sys.stderr)
+        print("| clients | tokens/s | x 1 client | x 1 client, each round | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
+              "| engine step ms (batch) | errors | other CPU % |\n|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
         for r in rows:
-            print(f"| {r['clients']} | {r['tokens_per_s']} | {r['tokens_per_s'] / one:.1f} | {r['ttft_p50_ms']} / "
+            rounds = ", ".join(f"{x:.1f}" for x in r["x_first_level_each_rep"] if x is not None)
+            print(f"| {r['clients']} | {r['tokens_per_s']} | {r['tokens_per_s'] / one:.1f} | {rounds} | {r['ttft_p50_ms']} / "
                   f"{r['ttft_p99_ms']} | {r['tpot_p50_ms']} / {r['tpot_p99_ms']} | {r['step_ms_mean']} ({r['batch_mean']}) | "
                   f"{r['errors']} | "
                   f"{r['other_cpu_pct']} |", file=sys.stderr)

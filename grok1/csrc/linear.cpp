@@ -226,11 +226,14 @@ inline void dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float
       __m512 acc16[MR][NR];
       for (int r = 0; r < MR; ++r)
         for (int j = 0; j < NR; ++j) acc16[r][j] = _mm512_setzero_ps();
-      for (; k + 16 <= k1; k += 16)
+      for (; k + 16 <= k1; k += 16) {
+        __m512 xv[MR];  // each activation vector loaded once per step (32 registers: no spills)
+        for (int r = 0; r < MR; ++r) xv[r] = _mm512_loadu_ps(x + r * ldx + k);
         for (int j = 0; j < NR; ++j) {
           const __m512 w = load16x<F>(rows[j], k);
-          for (int r = 0; r < MR; ++r) acc16[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k), w, acc16[r][j]);
+          for (int r = 0; r < MR; ++r) acc16[r][j] = _mm512_fmadd_ps(xv[r], w, acc16[r][j]);
         }
+      }
       for (int r = 0; r < MR; ++r)
         for (int j = 0; j < NR; ++j) {
           acc[r][j][0] = _mm512_castps512_ps256(acc16[r][j]);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -44,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     settings = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed}
     system = args.system or (PERSONAS[args.persona] if args.persona else None)
+    # Ctrl-C stops an answer: make it raise KeyboardInterrupt even if SIGINT came in ignored (a process started
+    # from a background job of a non-interactive shell inherits SIG_IGN, and Python then leaves it so).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.url:
         return chat_loop(partial_remote(args.url.rstrip("/"), args.api_key), settings, system)
     engine = engine_from_args(args)

@@ -1,5 +1,6 @@
-"""Compiled CPU kernels (grok1/csrc/: linear.cpp, attention.cpp, argmax.cpp), built with torch's C++ extension
-loader at first use, and `CompiledAttention`, which plugs the attention kernel into a finished model.
+"""Compiled CPU kernels (grok1/csrc/: linear.cpp, attention.cpp, argmax.cpp, norm.cpp), built with torch's C++
+extension loader at first use, and `CompiledAttention` / `CompiledRMSNorm`, which plug the attention and
+norm kernels into a finished model (`compile_model`).
 
 The build is cached (under ~/.cache/torch_extensions, keyed by the sources, flags and this CPU's
 instruction set), so only the first run on a machine pays the ~30-60 s compile. Where no
@@ -21,10 +22,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from grok1.model import Attention, KVCache, Transformer
+from grok1.model import Attention, KVCache, RMSNorm, Transformer
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "linear.cpp", _CSRC / "attention.cpp", _CSRC / "argmax.cpp"]  # and their header, simd.h
+_SOURCES = [_CSRC / n for n in ("linear.cpp", "attention.cpp", "argmax.cpp", "norm.cpp")]  # + their header simd.h
 
 # Rows of activations from which the matmul dequantises weight tiles and uses BLAS (compute-bound
 # prefill) instead of streaming the weights through the register kernel (memory-bound decode).
@@ -124,9 +125,23 @@ class CompiledAttention(Attention):
         return self.wo(out.view(B, 1, -1))
 
 
-def compile_attention(model: Transformer) -> Transformer:
-    """Make every layer's attention a CompiledAttention (same weights; it falls back to the plain path
-    wherever the kernel does not apply). Returns the model."""
-    for layer in model.layers:
-        layer.attention.__class__ = CompiledAttention
+class CompiledRMSNorm(RMSNorm):
+    """RMSNorm computed by the compiled kernel (one pass, instead of torch's five ops) for float32 CPU
+    activations without gradients; elsewhere the model's own RMSNorm.forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.dtype != torch.float32 or self.weight.dtype != torch.float32 or not applies(x, self.weight)
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):  # training the scale: torch's path
+            return super().forward(x)
+        return cpu_ops().rms_norm(x, self.weight, self.eps)
+
+
+def compile_model(model: Transformer) -> Transformer:
+    """Make every attention a CompiledAttention and every RMSNorm a CompiledRMSNorm (same weights; each falls
+    back to the plain path wherever its kernel does not apply). Returns the model."""
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = CompiledAttention
+        elif type(module) is RMSNorm:
+            module.__class__ = CompiledRMSNorm
     return model

@@ -6,7 +6,7 @@ import torch
 from conftest import small_config
 
 from grok1 import kernels
-from grok1.model import Attention, KVCache, Transformer, init_weights, rope_cos_sin
+from grok1.model import Attention, KVCache, RMSNorm, Transformer, init_weights, rope_cos_sin
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +120,14 @@ def test_model_decode_with_the_kernel_matches_the_plain_model(ops):
     init_weights(plain, torch.Generator().manual_seed(0))
     fast = Transformer(cfg)
     fast.load_state_dict(plain.state_dict())
-    kernels.compile_attention(fast)
+    kernels.compile_model(fast)
     assert all(isinstance(layer.attention, kernels.CompiledAttention) for layer in fast.layers)
     prompts = torch.randint(3, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
     rows = torch.tensor([2, 0, 3])
     caches = [m.new_cache(4, 32) for m in (plain, fast)]
     with torch.no_grad():
         outs = [m(prompts, torch.zeros(3, dtype=torch.long), c, cache_rows=rows) for m, c in zip((plain, fast), caches)]
-        assert torch.equal(outs[0], outs[1])  # prefill (9 tokens per row) is the plain path in both
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)  # prefill: plain attention, compiled norms
         tokens, pos = outs[0][:, -1].argmax(-1), torch.full((3,), 9)
         for _ in range(12):
             a, b = (m(tokens[:, None], pos, c, cache_rows=rows)[:, 0] for m, c in zip((plain, fast), caches))
@@ -150,3 +150,39 @@ def test_falls_back_where_the_kernel_does_not_apply(ops):
                            plain(x, cos, sin, mask, pos[:, None], c_plain, 1, rows))
     assert not kernels.attention_applies(x, c_fast)
     assert not kernels.attention_applies(torch.randn(2, 3, cfg.dim), filled_cache(cfg, 2, 8, 0))  # T > 1
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 256), (16, 1, 256), (3, 5, 37), (2, 6144)])
+def test_rms_norm_kernel_matches_torch_and_each_row_stands_alone(ops, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g) * 3
+    norm = RMSNorm(shape[-1], 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1], generator=g) + 0.5)
+        want = norm(x)
+        norm.__class__ = kernels.CompiledRMSNorm
+        got = norm(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        rows = x.reshape(-1, shape[-1])
+        alone = torch.cat([norm(rows[i : i + 1]) for i in range(rows.shape[0])])
+        assert torch.equal(alone, got.reshape(-1, shape[-1]))
+
+
+def test_rms_norm_kernel_leaves_training_to_torch(ops):
+    """With gradients wanted (for x or for the scale), the compiled op (no backward) is not used."""
+    norm = RMSNorm(8, 1e-5)
+    norm.__class__ = kernels.CompiledRMSNorm
+    x = torch.randn(2, 8)
+    norm(x).sum().backward()  # x needs no grad, the scale does
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    x.requires_grad_(True)
+    norm(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_compile_model_swaps_every_norm_and_attention(ops):
+    model = Transformer(small_config())
+    kernels.compile_model(model)
+    kinds = {type(m) for m in model.modules()}
+    assert RMSNorm not in kinds and Attention not in kinds
+    assert kernels.CompiledRMSNorm in kinds and kernels.CompiledAttention in kinds

@@ -537,6 +537,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
                                torch::Tensor rows, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor valid,
                                int64_t kv_len, double scale, double cap);  // attention.cpp
 torch::Tensor argmax_rows(torch::Tensor x);  // argmax.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);  // norm.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the kernels run: a server's event loop keeps going meanwhile.
@@ -547,5 +548,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "RoPE, cache write and attention for one-token queries over the KV cache",
         py::call_guard<py::gil_scoped_release>());
   m.def("argmax", &argmax_rows, "row-wise argmax of float32 [B, V], torch.argmax's answer",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "y = x * rsqrt(mean(x^2) + eps) * w over the last axis, float32",
         py::call_guard<py::gil_scoped_release>());
 }

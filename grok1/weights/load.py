@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from grok1.config import ModelConfig, from_name
-from grok1.kernels import compile_attention
+from grok1.kernels import compile_model
 from grok1.model import Transformer
 from grok1.quant import QEmbedding, swap_to_int8
 from grok1.weights import legacy, names
@@ -141,7 +141,7 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
-    return compile_attention(model.eval())
+    return compile_model(model.eval())
 
 
 def weight_kind(model: Transformer) -> str:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import small_config
 
+from grok1 import kernels
 from grok1.model import Transformer, init_weights
 from grok1.quant import quantize_model
 from grok1.weights import safetensors as st
@@ -93,6 +94,7 @@ def test_every_stored_format_round_trips_with_a_stored_table(tmp_path, fmt):
     loaded = load_model(out, cfg)
     assert isinstance(loaded.tok_embeddings, QEmbedding)
     _same_tensors(model, loaded)
+    kernels.compile_model(model)  # load_model plugs in the compiled kernels: compute both the same way
     tokens = torch.randint(1, cfg.vocab_size, (1, 5))
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))

@@ -44,10 +44,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #ifdef GROK1_AVX2
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  tail = _mm_cvtss_f32(lo);
+  tail = grok1::hsum(acc);
 #endif
   for (; i < n; ++i) tail = std::fma(a[i], b[i], tail);
   return tail;

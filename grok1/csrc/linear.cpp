@@ -78,13 +78,6 @@ inline V8 v_load(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline void v_store(float* p, V8 a) { _mm256_storeu_ps(p, a.v); }
 inline V8 v_set1(float s) { return {_mm256_set1_ps(s)}; }
 inline V8 v_fma(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-inline float v_hsum(V8 a) {
-  __m128 lo = _mm256_castps256_ps128(a.v), hi = _mm256_extractf128_ps(a.v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 #else
 struct V8 { float f[8]; };
 inline V8 v_zero() { return V8{}; }
@@ -92,11 +85,6 @@ inline V8 v_load(const float* p) { V8 r; std::memcpy(r.f, p, sizeof r.f); return
 inline void v_store(float* p, V8 a) { std::memcpy(p, a.f, sizeof a.f); }
 inline V8 v_set1(float s) { V8 r; for (float& f : r.f) f = s; return r; }
 inline V8 v_fma(V8 a, V8 b, V8 c) { for (int i = 0; i < 8; ++i) c.f[i] = std::fma(a.f[i], b.f[i], c.f[i]); return c; }
-inline float v_hsum(V8 a) {  // the same pairing as the AVX2 version
-  float q[4];
-  for (int i = 0; i < 4; ++i) q[i] = a.f[i] + a.f[i + 4];
-  return (q[0] + q[2]) + (q[1] + q[3]);
-}
 #endif
 
 // 8 unscaled weights of a row, inputs k..k+7 (int4: k % 8 == 0). Reads stay inside the row's bytes.
@@ -135,14 +123,6 @@ inline V8 load8_tail(const uint8_t* row, int64_t k, int64_t K) {
 }
 
 #ifdef GROK1_AVX2
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
 // 16 consecutive weights of row `row` starting at input k (k % 16 == 0), as two float32 vectors.
 template <Fmt F>
 inline void load16(const uint8_t* row, int64_t k, __m256& a, __m256& b) {
@@ -291,7 +271,7 @@ inline void dots(const float* x, int64_t ldx, const Weights& W, int64_t n, float
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j)
 #ifdef GROK1_AVX2
-      y[r * ldy + n + j] = hsum(tot[r][j]) + tail_tot[r][j];
+      y[r * ldy + n + j] = grok1::hsum(tot[r][j]) + tail_tot[r][j];
 #else
       y[r * ldy + n + j] = tail_tot[r][j];
 #endif

@@ -29,10 +29,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
         const __m256 v = _mm256_loadu_ps(xr + i);
         acc = _mm256_fmadd_ps(v, v, acc);
       }
-      __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-      lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-      lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-      ss = _mm_cvtss_f32(lo);
+      ss = grok1::hsum(acc);
 #endif
       for (; i < D; ++i) ss = std::fma(xr[i], xr[i], ss);
       const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));

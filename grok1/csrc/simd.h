@@ -1,4 +1,5 @@
-// Vector helpers shared by the kernels (linear.cpp, attention.cpp): an 8-lane float32 exp.
+// Vector helpers shared by the kernels (linear.cpp, attention.cpp, argmax.cpp, norm.cpp): a horizontal sum
+// and an 8-lane float32 exp.
 #pragma once
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -9,6 +10,14 @@
 #endif
 
 namespace grok1 {
+
+// The sum of the 8 lanes: (lanes 0-3 + lanes 4-7), then pairwise.
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
 
 // exp(x) for 8 lanes, x clamped to [-87, 87]: a Cephes-style exp (range reduction by ln 2, degree-6
 // polynomial), within a few float32 ulps.

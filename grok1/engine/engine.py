@@ -29,7 +29,6 @@ from grok1 import kernels
 from grok1.engine.cache import clear_slot
 from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob, check_prompt
-from grok1.kernels import GEMM_MIN_ROWS
 from grok1.model import Transformer
 from grok1.tokenizer import Tokenizer
 
@@ -37,7 +36,7 @@ log = logging.getLogger("grok1.engine")
 
 # Rows (tokens) up to which a step's prompts and decode rows share one forward: below the compiled
 # kernel's switch to BLAS (kernels.GEMM_MIN_ROWS), where results do not depend on the batch.
-ONE_PASS_ROWS = GEMM_MIN_ROWS
+ONE_PASS_ROWS = kernels.GEMM_MIN_ROWS
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import Tensor
 from grok1.model import Attention, KVCache, RMSNorm, Transformer
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / n for n in ("linear.cpp", "attention.cpp", "argmax.cpp", "norm.cpp")]  # + their header simd.h
+_SOURCES = [_CSRC / n for n in ("linear.cpp", "panels.cpp", "attention.cpp", "argmax.cpp", "norm.cpp")]  # + their header simd.h
 
 # Rows of activations from which the matmul dequantises weight tiles and uses BLAS (compute-bound
 # prefill) instead of streaming the weights through the register kernel (memory-bound decode).
@@ -84,10 +84,19 @@ def linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def panel_linear(x: Tensor, panels: Tensor, scales: Tensor, n_out: int) -> Tensor | None:
+    """x [.., K] float32 @ W.T for W [n_out, K] packed in panels (quant.to_panels) on CPU, or None when the
+    compiled kernel does not apply."""
+    if not applies(x, panels):
+        return None
+    y = cpu_ops().panel_linear(x.reshape(-1, x.shape[-1]), panels, scales, n_out)
+    return y.view(*x.shape[:-1], n_out)
+
+
 def experts(x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor, w: tuple[Tensor, ...], scales: tuple[Tensor, ...]) -> Tensor:
     """The experts of a MoE layer in one compiled call: token t of x_ND [N, D] goes to experts idx_NA[t]
-    with weights gate_NA[t] (float32); w = (w1, w3, w2) stacked [E, ., .] in any stored format, scales
-    likewise. Returns [N, D]. The caller checks `applies` first."""
+    with weights gate_NA[t] (float32); w = (w1, w3, w2) stacked [E, ., .] in any stored format, or stacked
+    panels [E, P, K, 16] (quant.to_panels), scales likewise. Returns [N, D]. The caller checks `applies` first."""
     return cpu_ops().experts(x_ND, idx_NA, gate_NA, w[0], scales[0], w[1], scales[1], w[2], scales[2], GEMM_MIN_ROWS)
 
 

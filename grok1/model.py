@@ -269,7 +269,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_seq_len: int) -> KVCache:
         cfg, emb = self.config, self.tok_embeddings
-        return KVCache(cfg.n_layers, batch, max_seq_len, cfg.n_kv_heads, cfg.head_dim, emb.dtype, emb.weight.device)
+        return KVCache(cfg.n_layers, batch, max_seq_len, cfg.n_kv_heads, cfg.head_dim, emb.dtype, self.norm.weight.device)
 
     def forward(self, tokens: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,
                 logits_at: Tensor | None = None, hidden: list[Tensor] | None = None,

@@ -219,3 +219,131 @@ def quantize_model(model: Transformer, fmt: str = "int8", groups: dict[str, int]
             q, s = pack(w, fmt, g[f"w{i}"])
             setattr(ex, f"w{i}", q)
             setattr(ex, f"s{i}", s)
+
+
+# ---- panels: the compiled CPU kernel's own layout, for inference ----
+# A matrix W [.., N, K] (int8 with bf16 scales [.., G, N], or float32) is stored as panels
+# [.., ceil(N / 16), K, 16]: panel p holds outputs 16p..16p+15, input k's 16 weights side by side (outputs
+# past N are zero), with the int8 scales widened to float32 [.., G, 16 ceil(N / 16)]. The kernel
+# (grok1/csrc/panels.cpp) then streams weights in the order it multiplies them: no horizontal sums, 2-3x
+# the speed of row-major weights on a batch, and each output's arithmetic independent of the batch.
+# Same bytes as the row-major matrix (plus at most 15 zero rows): `pack_model` converts in place.
+PANEL = 16
+
+
+def to_panels(w: Tensor, scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """int8 (with scales) or float32 w [.., N, K] -> (panels [.., P, K, 16], float32 scales [.., G, 16 P] or
+    empty), P = ceil(N / 16)."""
+    *lead, n, k = w.shape
+    pad = -n % PANEL
+    if pad:
+        w = torch.cat([w, w.new_zeros(*lead, pad, k)], dim=-2)
+    panels = w.reshape(*lead, (n + pad) // PANEL, PANEL, k).transpose(-1, -2).contiguous()
+    if w.dtype != torch.int8:
+        return panels, torch.empty(0, device=w.device)
+    assert scales is not None, "int8 weights need their scales"
+    s = scales.float()
+    if pad:
+        s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
+    return panels, s.contiguous()
+
+
+def from_panels(panels: Tensor, scales: Tensor, n_out: int, dtype: torch.dtype) -> Tensor:
+    """Panels (see to_panels) -> the dense weight [.., n_out, K] in dtype (the plain-torch path)."""
+    *lead, p, k, _ = panels.shape
+    w = panels.transpose(-1, -2).reshape(*lead, p * PANEL, k)[..., :n_out, :]
+    return dequantize(w, scales[..., :n_out], dtype) if panels.dtype == torch.int8 else w.to(dtype)
+
+
+class PackedLinear(nn.Module):
+    """Bias-free linear layer over a panel-packed weight (int8 or float32)."""
+
+    def __init__(self, panels: Tensor, scales: Tensor, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = panels.shape[-2], out_features
+        self.register_buffer("panels", panels)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = kernels.panel_linear(x, self.panels, self.scales, self.out_features)
+        return y if y is not None else F.linear(x, from_panels(self.panels, self.scales, self.out_features, x.dtype))
+
+
+class PackedExperts(nn.Module):
+    """Experts whose w1, w3 [E, F, D] and w2 [E, D, F] are panel-packed (int8 or float32)."""
+
+    def __init__(self, w1: tuple[Tensor, Tensor], w2: tuple[Tensor, Tensor], w3: tuple[Tensor, Tensor]) -> None:
+        super().__init__()
+        self.n_experts, _, self.dim, _ = w1[0].shape  # [E, P, D, 16]
+        self.ffn_dim = w2[0].shape[2]
+        for i, (p, s) in zip("123", (w1, w2, w3)):
+            self.register_buffer(f"w{i}", p)
+            self.register_buffer(f"s{i}", s)
+
+    def expert_weights(self, idx: Tensor | int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        outs = {"1": self.ffn_dim, "2": self.dim, "3": self.ffn_dim}
+        return tuple(from_panels(getattr(self, f"w{i}")[idx], self._scales(i, idx), outs[i], dtype)  # type: ignore[return-value]
+                     for i in "123")
+
+    def _scales(self, i: str, idx: Tensor | int) -> Tensor:
+        s = getattr(self, f"s{i}")
+        return s[idx] if s.numel() else s
+
+    def forward(self, x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor) -> Tensor:
+        if not kernels.applies(x_ND, self.w1):
+            return route_to_experts(self.expert_weights, x_ND, idx_NA, gate_NA, self.n_experts)
+        return kernels.experts(x_ND, idx_NA, gate_NA.float(), (self.w1, self.w3, self.w2), (self.s1, self.s3, self.s2))
+
+
+class PackedEmbedding(nn.Module):
+    """The tied embedding table [V, D] in panels (float32, or int8 with one scale per row): rows are
+    gathered for the lookup, and the output projection is the panel kernel's."""
+
+    def __init__(self, panels: Tensor, scales: Tensor, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.register_buffer("panels", panels)
+        self.register_buffer("scales", scales)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # packed only for float32 compute
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = self.panels[tokens // PANEL, :, tokens % PANEL]  # [.., D]
+        if rows.dtype == torch.int8:
+            return rows.float() * self.scales[0, tokens][..., None]
+        return rows
+
+    def unembed(self, h: Tensor) -> Tensor:
+        y = kernels.panel_linear(h, self.panels, self.scales, self.vocab_size)
+        return y if y is not None else F.linear(h, from_panels(self.panels, self.scales, self.vocab_size, h.dtype))
+
+
+def _packable(weight: Tensor) -> bool:
+    return weight.dtype in (torch.int8, torch.float32)
+
+
+def pack_model(model: Transformer) -> Transformer:
+    """Store the attention projections, the experts and the tied embedding in panels, in place, where the
+    compiled CPU kernel runs them: CPU, float32 compute, kernel built, int8 or float32 weights (int4 and
+    bf16 ones stay as they are). For inference: the result computes the same function (to float32
+    rounding), but training, LoRA and saving need the unpacked modules. Returns the model."""
+    emb = model.tok_embeddings
+    if emb.dtype != torch.float32 or model.norm.weight.device.type != "cpu" or kernels.cpu_ops() is None:
+        return model
+    for layer in model.layers:
+        att = layer.attention
+        for name in ("wqkv", "wo"):
+            lin = getattr(att, name)
+            if isinstance(lin, (QLinear, nn.Linear)) and _packable(lin.weight):
+                scales = getattr(lin, "scales", None)
+                setattr(att, name, PackedLinear(*to_panels(lin.weight.detach(), scales), lin.weight.shape[0]))
+        ex = layer.moe.experts
+        if isinstance(ex, (QExperts, Experts)) and _packable(ex.w1):
+            packed = [to_panels(getattr(ex, f"w{i}").detach(), getattr(ex, f"s{i}", None)) for i in "123"]
+            layer.moe.experts = PackedExperts(*packed)
+    if isinstance(emb, TiedEmbedding) or (isinstance(emb, QEmbedding) and _packable(emb.weight)):
+        model.tok_embeddings = PackedEmbedding(*to_panels(emb.weight.detach(), getattr(emb, "scales", None)),
+                                               model.config.vocab_size)
+    return model

@@ -9,6 +9,7 @@ import torch
 
 from grok1.config import ModelConfig
 from grok1.model import Transformer
+from grok1.quant import pack_model
 from grok1.tokenizer import Tokenizer
 from grok1.weights.load import load_model, resolve_config
 
@@ -27,7 +28,8 @@ def model_from_args(args: argparse.Namespace, cfg: ModelConfig) -> Transformer:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available in this torch build")
-    return load_model(args.checkpoint, cfg, args.device, dtype)
+    # Inference only (generate, chat, serve, score, check): the kernel's weight layout where it runs.
+    return pack_model(load_model(args.checkpoint, cfg, args.device, dtype))
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:

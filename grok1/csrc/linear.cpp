@@ -5,6 +5,8 @@
 //   int4  q uint8 [N, K / 2], scales bf16 [N, K / 32]: blocks of 32 inputs, byte j of a block holds
 //         input j in its low nibble and input j + 16 in its high nibble, values stored + 8
 //   bf16  w bf16 [N, K];  fp32  w float32 [N, K]
+//   panels  w int8 or float32 [ceil(N / 16), K, 16], int8 with scales float32 [G, 16 ceil(N / 16)]: see
+//         panels.cpp (every M goes through its kernel)
 // Weights are converted to float32 in registers, never materialised whole: decode (small M)
 // streams each weight byte once, at memory speed. Large M (prefill) dequantises one tile of
 // rows at a time into a cache-resident buffer and hands it to the BLAS GEMM.
@@ -19,9 +21,12 @@
 #include <vector>
 #include "simd.h"
 
+void panel_matmul(const float* x, int64_t M, const void* w, bool int8, const float* s, int64_t N, int64_t K,
+                  int64_t G, int64_t P, float* y);  // panels.cpp
+
 namespace {
 
-enum class Fmt { I8, I4, BF16, F32 };
+enum class Fmt { I8, I4, BF16, F32, PANELS };
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t bits = static_cast<uint32_t>(b) << 16;
@@ -32,10 +37,14 @@ inline float bf16_to_float(uint16_t b) {
 
 struct Weights {
   Fmt fmt;
-  const void* w;  // row n starts at w + n * row_bytes
+  const void* w;  // row n starts at w + n * row_bytes (panels: see panels.cpp)
   int64_t row_bytes;
   const uint16_t* s;  // scales (int8, int4), else nullptr
   int64_t N, K, G;  // G: scale groups along K (int8: 1..K; int4: K / 32; else 1)
+  int64_t bytes;  // the whole matrix (to step through a stack of experts)
+  const float* sf = nullptr;  // panels: float32 scales [G, 16 P] (int8), else nullptr
+  int64_t P = 0;  // panels: number of panels
+  bool int8 = false;  // panels: int8 (else float32)
 };
 
 inline float scale_of(const Weights& W, int64_t n, int64_t g) {
@@ -66,6 +75,7 @@ inline float weight_at(const Weights& W, int64_t n, int64_t k) {  // scalar, uns
     case Fmt::I4: return weight_at<Fmt::I4>(row, k);
     case Fmt::BF16: return weight_at<Fmt::BF16>(row, k);
     case Fmt::F32: return weight_at<Fmt::F32>(row, k);
+    case Fmt::PANELS: break;  // never read one weight at a time
   }
   return 0.f;
 }
@@ -305,6 +315,7 @@ void gemv_rows(const float* x, int64_t M, const Weights& W, float* y, int64_t n0
 // Small M: stream the weights once, in dynamic chunks (up to CHUNK_KB) so that on a shared machine a
 // descheduled thread's work is taken over instead of stalling the call at the barrier.
 void gemv(const float* x, int64_t M, const Weights& W, float* y) {
+  if (W.fmt == Fmt::PANELS) return panel_matmul(x, M, W.w, W.int8, W.sf, W.N, W.K, W.G, W.P, y);
   // Large chunks keep each thread's reads sequential for the prefetchers; at least 4 chunks per thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t by_bytes = (CHUNK_KB * 1024) / std::max<int64_t>(W.row_bytes, 1);
@@ -318,6 +329,7 @@ void gemv(const float* x, int64_t M, const Weights& W, float* y) {
       case Fmt::I4: gemv_rows<Fmt::I4>(x, M, W, y, n0, n1); break;
       case Fmt::BF16: gemv_rows<Fmt::BF16>(x, M, W, y, n0, n1); break;
       case Fmt::F32: gemv_rows<Fmt::F32>(x, M, W, y, n0, n1); break;
+      case Fmt::PANELS: break;  // handled above
     }
   }
 }
@@ -339,6 +351,8 @@ void dequant_row(const Weights& W, int64_t n, float* dst) {
 
 // Large M: dequantise a tile of weight rows (exact float32 products), multiply with BLAS.
 void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
+  if (W.fmt == Fmt::PANELS)  // the panel kernel is compute-bound at any M: no BLAS
+    return panel_matmul(x.data_ptr<float>(), x.size(0), W.w, W.int8, W.sf, W.N, W.K, W.G, W.P, y.data_ptr<float>());
   const int64_t K = W.K, N = W.N;
   const int64_t tile = std::max<int64_t>(16, (256 * 1024) / (K * 4) / 16 * 16);  // ~256 KB of float32 rows
   const int64_t n_tiles = (N + tile - 1) / tile;
@@ -358,6 +372,7 @@ void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
             case Fmt::I4: dequant_row<Fmt::I4>(W, n0 + r, wp + r * K); break;
             case Fmt::BF16: dequant_row<Fmt::BF16>(W, n0 + r, wp + r * K); break;
             case Fmt::F32: dequant_row<Fmt::F32>(W, n0 + r, wp + r * K); break;
+            case Fmt::PANELS: break;  // handled above
           }
         torch::Tensor out = y.narrow(1, n0, rows);
         at::mm_out(out, x, buf.narrow(0, 0, rows).t());
@@ -370,11 +385,27 @@ void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
   if (error) std::rethrow_exception(error);
 }
 
-// The kernel's view of a stored weight w (contiguous) with its scales (contiguous), for inputs of size K.
-Weights weights_of(const torch::Tensor& w, const torch::Tensor& scales, int64_t K) {
+// The kernel's view of a stored weight w (contiguous) with its scales (contiguous), for inputs of size K;
+// 3-D w is panels, with N outputs (n_panels: N, else unused).
+Weights weights_of(const torch::Tensor& w, const torch::Tensor& scales, int64_t K, int64_t n_panels = -1) {
+  if (w.dim() == 3) {
+    TORCH_CHECK(w.size(1) == K && w.size(2) == 16, "panels: w must be [P, K, 16] with K = x.size(1)");
+    const int64_t P = w.size(0), N = n_panels;
+    TORCH_CHECK(N > 16 * (P - 1) && N <= 16 * P, "panels: ", N, " outputs do not fill ", P, " panels");
+    Weights W{Fmt::PANELS, w.data_ptr(), 0, nullptr, N, K, 1, w.numel() * w.element_size()};
+    W.P = P;
+    if (w.scalar_type() == at::kChar) {
+      TORCH_CHECK(scales.dim() == 2 && scales.size(1) == 16 * P && scales.scalar_type() == at::kFloat &&
+                  K % scales.size(0) == 0, "int8 panels: scales float32 [G, 16 P]");
+      W.int8 = true, W.G = scales.size(0), W.sf = scales.data_ptr<float>();
+    } else {
+      TORCH_CHECK(w.scalar_type() == at::kFloat, "panels: w must be int8 or float32");
+    }
+    return W;
+  }
   TORCH_CHECK(w.dim() == 2, "weights must be 2-D [N, K]");
   const int64_t N = w.size(0);
-  Weights W{Fmt::F32, w.data_ptr(), 0, nullptr, N, K, 1};
+  Weights W{Fmt::F32, w.data_ptr(), 0, nullptr, N, K, 1, w.numel() * w.element_size()};
   switch (w.scalar_type()) {
     case at::kChar:
       TORCH_CHECK(scales.dim() == 2 && scales.size(1) == N && K % scales.size(0) == 0, "int8: scales [G, N]");
@@ -434,6 +465,16 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int
   return y;
 }
 
+// y = x @ W.T for x float32 [M, K] and panel-packed W [P, K, 16] with N outputs (see panels.cpp).
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && w.dim() == 3, "panel_linear: x float32 [M, K], w [P, K, 16]");
+  x = x.contiguous(), w = w.contiguous(), scales = scales.contiguous();
+  const Weights W = weights_of(w, scales, x.size(1), N);
+  torch::Tensor y = torch::empty({x.size(0), N}, x.options());
+  if (x.size(0)) gemv(x.data_ptr<float>(), x.size(0), W, y.data_ptr<float>());
+  return y;
+}
+
 // The experts of one MoE layer for tokens x [N, D]: token t goes to experts idx[t, :] [N, A] with weights
 // gate[t, :]. y[t] = sum over a, in slot order, of gate[t, a] * expert_{idx[t, a]}(x[t]), where
 // expert_e(v) = (gelu_tanh(v W1e^T) * (v W3e^T)) W2e^T. Each chosen expert runs once on all its rows
@@ -444,8 +485,8 @@ torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, to
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "experts: x float32 [N, D]");
   TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0) && idx.scalar_type() == at::kLong, "experts: idx int64 [N, A]");
   TORCH_CHECK(gate.sizes() == idx.sizes() && gate.scalar_type() == at::kFloat, "experts: gate float32 [N, A]");
-  TORCH_CHECK(w1.dim() == 3 && w3.dim() == 3 && w2.dim() == 3 && w1.size(0) == w2.size(0) && w1.size(0) == w3.size(0),
-              "experts: w1, w3, w2 [E, ., .]");
+  TORCH_CHECK(w1.dim() == w2.dim() && w1.dim() == w3.dim() && (w1.dim() == 3 || w1.dim() == 4) &&
+              w1.size(0) == w2.size(0) && w1.size(0) == w3.size(0), "experts: w1, w3, w2 [E, ., .] (panels [E, ., ., 16])");
   x = x.contiguous(), idx = idx.contiguous(), gate = gate.contiguous();
   w1 = w1.contiguous(), w3 = w3.contiguous(), w2 = w2.contiguous();
   s1 = s1.contiguous(), s3 = s3.contiguous(), s2 = s2.contiguous();
@@ -466,12 +507,16 @@ torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, to
   }
   // Expert e's weights: expert 0's view, moved along by e experts (all stacks are contiguous).
   auto pick = [](const torch::Tensor& s, int64_t e) { return s.numel() ? s.select(0, e) : s; };
-  const Weights W1 = weights_of(w1.select(0, 0), pick(s1, 0), D);
-  const Weights W3 = weights_of(w3.select(0, 0), pick(s3, 0), D);
-  const Weights W2 = weights_of(w2.select(0, 0), pick(s2, 0), W1.N);
+  // Panels ([E, P, K, 16]) do not record their outputs: F is w2's inputs, D is x's width.
+  const bool panels = w1.dim() == 4;
+  const int64_t F_in = panels ? w2.size(2) : -1;
+  const Weights W1 = weights_of(w1.select(0, 0), pick(s1, 0), D, F_in);
+  const Weights W3 = weights_of(w3.select(0, 0), pick(s3, 0), D, F_in);
+  const Weights W2 = weights_of(w2.select(0, 0), pick(s2, 0), W1.N, D);
   auto expert = [E](Weights W, const torch::Tensor& s, int64_t e) {
-    W.w = static_cast<const uint8_t*>(W.w) + e * W.N * W.row_bytes;
+    W.w = static_cast<const uint8_t*>(W.w) + e * W.bytes;
     if (W.s) W.s += e * (s.numel() / E);
+    if (W.sf) W.sf += e * (s.numel() / E);
     return W;
   };
   const int64_t F = W1.N;
@@ -522,6 +567,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);  // norm.c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the kernels run: a server's event loop keeps going meanwhile.
   m.def("linear", &linear, "y = x @ W.T with W int8 (+scales), packed int4 (+scales), bf16 or fp32",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("panel_linear", &panel_linear, "y = x @ W.T with W packed in panels [P, K, 16], int8 (+float32 scales) or fp32",
         py::call_guard<py::gil_scoped_release>());
   m.def("experts", &experts, "the experts of one MoE layer: y[t] = sum_a gate[t, a] * expert_idx[t, a](x[t])",
         py::call_guard<py::gil_scoped_release>());

@@ -52,7 +52,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.config = config
         self.max_seq_len = min(config.max_seq_len, model.config.max_seq_len)
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.norm.weight.device
         self.cache = model.new_cache(config.max_batch, self.max_seq_len)
         self.scheduler = Scheduler(config.max_batch, self.max_seq_len, config.max_queue, config.prefill_tokens,
                                    model.config.eos_id, tokenizer)

@@ -106,7 +106,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
             raise ValueError(f"prompt {i} has {len(p)} tokens; the context holds {cfg.max_seq_len}")
     if any(p.stop for p in params) and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     max_len = min(cfg.max_seq_len, max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params)))
     cache = model.new_cache(len(prompts), max_len)
     generators = make_generators(params, device)
@@ -158,7 +158,7 @@ def score(model: Transformer, ids: Sequence[int], top: int = 5) -> dict:
     """
     if len(ids) < 2:
         raise ValueError("scoring needs at least two tokens (a context and a next token)")
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     tokens = torch.tensor([list(ids)], device=device)
     logp = torch.log_softmax(model(tokens)[0, :-1].float(), dim=-1)  # [T-1, V]
     target = tokens[0, 1:]

@@ -42,7 +42,7 @@ def compare(model: Transformer, golden: dict[str, np.ndarray], precision: str = 
     for key in ("prompt_ids", "prompt_lens"):
         if key not in golden:
             raise ValueError(f"golden data has no {key!r} array")
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     rows: list[LayerDiff] = []
     for k, (ids, n) in enumerate(zip(golden["prompt_ids"], golden["prompt_lens"])):
         hidden_ref = golden.get(f"hidden_{precision}_p{k}")

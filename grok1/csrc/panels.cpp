@@ -1,0 +1,183 @@
+// Matmul over weights packed in panels (see grok1/kernels.py, pack_panels): the layout of a GEMM's
+// packed B operand, kept as the weights' storage for inference.
+//
+// W [N, K] becomes P [ceil(N / 16), K, 16]: panel p holds output columns 16p..16p+15, input k's 16
+// weights side by side (columns past N are zero). The weights are float32 or int8; int8 panels come
+// with float32 scales S [G, 16 * P] (group g covers inputs g K/G .. (g + 1) K/G - 1), the release's
+// bf16 scales widened.
+//
+// y[m, n] = sum over g of S[g, n] * (x[m, k0] W[n, k0] + x[m, k0 + 1] W[n, k0 + 1] + ...): one fused
+// multiply-add per input, in input order, in one vector lane, and the groups in order. No horizontal
+// sums: a tile is MR activation rows x NU vectors of output columns, each input's weight vectors loaded
+// (and converted) once for the MR rows, each activation broadcast once for the NU vectors. The arithmetic
+// of each output is the same whatever the tile shape, the vector width (AVX-512, AVX2, scalar) or the
+// number of rows and threads: a row's result never depends on what else shares the call.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace {
+
+constexpr int PANEL = 16;
+
+// L float32 lanes: one AVX-512 register (16), one AVX2 register (8), or a plain array (scalar builds).
+#if defined(GROK1_AVX512)
+constexpr int L = 16;
+struct Vec { __m512 v; };
+inline Vec zero() { return {_mm512_setzero_ps()}; }
+inline Vec set1(float s) { return {_mm512_set1_ps(s)}; }
+inline Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Vec load(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline void store(float* p, Vec a, int n) {
+  if (n == L) _mm512_storeu_ps(p, a.v);
+  else _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), a.v);
+}
+#elif defined(GROK1_AVX2)
+constexpr int L = 8;
+struct Vec { __m256 v; };
+inline Vec zero() { return {_mm256_setzero_ps()}; }
+inline Vec set1(float s) { return {_mm256_set1_ps(s)}; }
+inline Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline Vec load(const int8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline void store(float* p, Vec a, int n) {
+  if (n == L) { _mm256_storeu_ps(p, a.v); return; }
+  alignas(32) float tmp[L];
+  _mm256_store_ps(tmp, a.v);
+  std::memcpy(p, tmp, n * sizeof(float));
+}
+#else
+constexpr int L = 1;
+struct Vec { float v; };
+inline Vec zero() { return {0.f}; }
+inline Vec set1(float s) { return {s}; }
+inline Vec load(const float* p) { return {*p}; }
+inline Vec load(const int8_t* p) { return {static_cast<float>(*p)}; }
+inline Vec fma(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
+inline void store(float* p, Vec a, int n) { if (n) *p = a.v; }
+#endif
+constexpr int UNITS_PER_PANEL = PANEL / L;
+
+struct Panels {
+  const void* w;  // [P, K, 16] float32 or int8
+  bool int8;
+  const float* s;  // int8: [G, 16 P]; float32: nullptr
+  int64_t N, K, G, P;
+};
+
+// Rows x[0..MR) (row stride K) against output columns u L .. (u + NU) L (vector units u..u+NU).
+template <int MR, int NU, typename T>
+inline void tile(const float* x, const Panels& W, int64_t u, float* y, int64_t ldy) {
+  const T* base = static_cast<const T*>(W.w);
+  const T* col[NU];  // unit j's weights at input 0; input k is PANEL k further
+  for (int j = 0; j < NU; ++j) {
+    const int64_t uu = u + j;
+    col[j] = base + (uu / UNITS_PER_PANEL) * W.K * PANEL + (uu % UNITS_PER_PANEL) * L;
+  }
+  const int64_t kg = W.K / W.G;
+  Vec tot[MR][NU], acc[MR][NU];
+  for (int64_t g = 0; g < W.G; ++g) {
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NU; ++j) acc[r][j] = zero();
+    for (int64_t k = g * kg; k < (g + 1) * kg; ++k) {
+      Vec w[NU];
+      for (int j = 0; j < NU; ++j) w[j] = load(col[j] + k * PANEL);
+      for (int r = 0; r < MR; ++r) {
+        const Vec xv = set1(x[r * W.K + k]);
+        for (int j = 0; j < NU; ++j) acc[r][j] = fma(xv, w[j], acc[r][j]);
+      }
+    }
+    if constexpr (std::is_same_v<T, int8_t>) {
+      for (int j = 0; j < NU; ++j) {
+        const Vec s = load(W.s + g * W.P * PANEL + (u + j) * L);
+        for (int r = 0; r < MR; ++r) tot[r][j] = fma(s, acc[r][j], g ? tot[r][j] : zero());
+      }
+    } else {
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NU; ++j) tot[r][j] = acc[r][j];
+    }
+  }
+  for (int j = 0; j < NU; ++j) {
+    const int64_t n = (u + j) * L;
+    const int cols = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(L, W.N - n)));
+    for (int r = 0; r < MR; ++r) store(y + r * ldy + n, tot[r][j], cols);
+  }
+}
+
+// Tile shapes: accumulators fill about three quarters of the vector registers (32 with AVX-512, 16 with
+// AVX2); a single row gets more column vectors, so that enough independent sums are in flight.
+#if defined(GROK1_AVX512)
+constexpr int MR_MAX = 8;
+template <int MR> constexpr int nu_for() { return MR == 1 ? 8 : MR <= 6 ? 4 : 3; }
+#elif defined(GROK1_AVX2)
+constexpr int MR_MAX = 4;
+template <int MR> constexpr int nu_for() { return MR == 1 ? 6 : 3; }
+#else
+constexpr int MR_MAX = 4;
+template <int MR> constexpr int nu_for() { return 4; }
+#endif
+
+// Rows m0..m0+MR of x against the column units [u0, u1), NU at a time.
+template <int MR, typename T>
+inline void tile_row(const float* x, const Panels& W, int64_t u0, int64_t u1, float* y) {
+  constexpr int NU = nu_for<MR>();
+  int64_t u = u0;
+  for (; u + NU <= u1; u += NU) tile<MR, NU, T>(x, W, u, y, W.N);
+  for (; u < u1; ++u) tile<MR, 1, T>(x, W, u, y, W.N);
+}
+
+// All M rows against column units [u0, u1): the weights of a few panels stay in cache while every block
+// of rows goes past them.
+template <typename T>
+void rows_against(const float* x, int64_t M, const Panels& W, int64_t u0, int64_t u1, float* y) {
+  int64_t m = 0;
+  for (; m + MR_MAX <= M; m += MR_MAX) tile_row<MR_MAX, T>(x + m * W.K, W, u0, u1, y + m * W.N);
+  const float* xm = x + m * W.K;
+  float* ym = y + m * W.N;
+  switch (M - m) {
+#if defined(GROK1_AVX512)
+    case 7: tile_row<7, T>(xm, W, u0, u1, ym); break;
+    case 6: tile_row<6, T>(xm, W, u0, u1, ym); break;
+    case 5: tile_row<5, T>(xm, W, u0, u1, ym); break;
+    case 4: tile_row<4, T>(xm, W, u0, u1, ym); break;
+#endif
+    case 3: tile_row<3, T>(xm, W, u0, u1, ym); break;
+    case 2: tile_row<2, T>(xm, W, u0, u1, ym); break;
+    case 1: tile_row<1, T>(xm, W, u0, u1, ym); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+// y [M, N] = x [M, K] @ W.T for panel-packed W; threads split the columns.
+void panel_matmul(const float* x, int64_t M, const void* w, bool int8, const float* s, int64_t N, int64_t K,
+                  int64_t G, int64_t P, float* y) {
+  const Panels W{w, int8, s, N, K, G, P};
+  const int64_t units = (N + L - 1) / L;
+  // Chunks of columns whose weights stay in the core's cache (~256 KB) while all the rows go past them, at
+  // least 4 per thread when there is work for several, in multiples of 24 units (whole tiles for every MR).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t unit_bytes = K * L * (int8 ? 1 : 4);
+  const int64_t by_cache = (256 * 1024) / std::max<int64_t>(unit_bytes, 1);
+  const int64_t chunk = std::max<int64_t>(24, std::min(by_cache, (units + 4 * threads - 1) / (4 * threads)) / 24 * 24);
+  const int64_t n_chunks = (units + chunk - 1) / chunk;
+  const bool parallel = threads > 1 && M * N * K >= (1 << 18);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (parallel)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t u0 = c * chunk, u1 = std::min(units, u0 + chunk);
+    if (int8) rows_against<int8_t>(x, M, W, u0, u1, y);
+    else rows_against<float>(x, M, W, u0, u1, y);
+  }
+}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import statistics
 import sys
 import time
@@ -43,8 +44,9 @@ from bench.common import (
 from bench.roofline import cached_read_bandwidth_gbs
 from grok1.config import ModelConfig, from_name
 from grok1.engine.generate import decode_step, prefill
+from grok1.kernels import compile_model
 from grok1.model import Experts, Transformer, init_weights
-from grok1.quant import QExperts, QLinear, dequantize, quantize_embedding, quantize_model  # noqa: F401
+from grok1.quant import QExperts, QLinear, dequantize, pack_model, quantize_embedding, quantize_model
 from grok1.weights.load import load_model
 
 CONFIGS = ("tiny-golden", "bench-s", "bench-m")
@@ -109,7 +111,7 @@ def bytes_per_token(model: Transformer) -> int:
     cfg = model.config
     emb = model.tok_embeddings
     table = sum(t.nbytes for t in [*emb.parameters(), *emb.buffers()])
-    total = table + emb.weight[0].nbytes + model.norm.weight.nbytes
+    total = table + table // cfg.vocab_size + model.norm.weight.nbytes  # the table, and about one row of it
     for layer in model.layers:
         for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
             share = cfg.n_active_experts / cfg.n_experts if name.startswith("moe.experts.") else 1.0
@@ -243,6 +245,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=16, help="prompt length prefilled before decoding (default 16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before timing (default 2)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported (default 3)")
+    p.add_argument("--layout", action="append",
+                   help="weight layout, comma list: panels (what the grok1 commands run: quant.pack_model) or rows "
+                        "(the stored row-major matrices through the older kernel) (default panels)")
     p.add_argument("--naive", action="store_true", help="also time the reference-like all-experts MoE")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and token ids (default 0)")
     p.add_argument("--golden-dir", type=Path, default=GOLDEN_DIR, help=f"golden data (default {GOLDEN_DIR})")
@@ -250,9 +255,11 @@ def main() -> None:
     args = p.parse_args()
     args.config = parse_list(args.config) or ["tiny-golden", "bench-s"]
     args.weights = parse_list(args.weights) or ["int8", "fp32"]
+    args.layout = parse_list(args.layout) or ["panels"]
     args.threads = parse_list(args.threads, int) or [1, 2]
     args.batch = parse_list(args.batch, int) or [1, 8, 32]
-    for name, got, valid in (("--config", args.config, CONFIGS), ("--weights", args.weights, WEIGHTS)):
+    for name, got, valid in (("--config", args.config, CONFIGS), ("--weights", args.weights, WEIGHTS),
+                             ("--layout", args.layout, ("panels", "rows"))):
         if bad := [v for v in got if v not in valid]:
             p.error(f"{name}: unknown {', '.join(bad)}; valid: {', '.join(valid)}")
     if min(args.threads + args.batch) < 1 or min(args.reps, args.decode_tokens, args.context) < 1:
@@ -263,10 +270,12 @@ def main() -> None:
     roofline = {t: cached_read_bandwidth_gbs(t) for t in args.threads}
     torch.set_grad_enabled(False)
     for config in args.config:
-        for weights in args.weights:
+        for weights, layout in itertools.product(args.weights, args.layout):
             t0 = time.perf_counter()
-            model = build_model(config, weights, args.golden_dir, args.seed)
-            log(f"{config} {weights}: built in {time.perf_counter() - t0:.1f} s, "
+            model = compile_model(build_model(config, weights, args.golden_dir, args.seed))
+            if layout == "panels":
+                pack_model(model)
+            log(f"{config} {weights} {layout}: built in {time.perf_counter() - t0:.1f} s, "
                 f"{bytes_per_token(model) / 1e6:.1f} MB of weights read per decoded token")
             with torch.inference_mode():
                 if args.naive:
@@ -274,7 +283,7 @@ def main() -> None:
                     log(f"{config} {weights}: naive vs routed logits, max abs diff {diff:.3g}")
                     assert diff < 1e-3, f"{config} {weights}: naive path differs from routed by {diff}"
                 for row in bench_model(model, args, roofline):
-                    emit({**base, "config": config, "weights": weights, **row}, args.record)
+                    emit({**base, "config": config, "weights": weights, "layout": layout, **row}, args.record)
                     warn_if_noisy(row["other_cpu_pct"], f"{config} {weights} {row['path']} "
                                   f"threads {row['threads']} batch {row['batch']}")
             del model

@@ -320,6 +320,13 @@ class PackedEmbedding(nn.Module):
         return y if y is not None else F.linear(h, from_panels(self.panels, self.scales, self.vocab_size, h.dtype))
 
 
+def is_packed(model: Transformer) -> bool:
+    """Whether every matrix the kernel multiplies is in panels: then no batch size changes a row's arithmetic."""
+    return isinstance(model.tok_embeddings, PackedEmbedding) and all(
+        isinstance(layer.attention.wqkv, PackedLinear) and isinstance(layer.attention.wo, PackedLinear)
+        and isinstance(layer.moe.experts, PackedExperts) for layer in model.layers)
+
+
 def _packable(weight: Tensor) -> bool:
     return weight.dtype in (torch.int8, torch.float32)
 

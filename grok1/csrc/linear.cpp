@@ -449,6 +449,11 @@ void gelu_mul(float* h, const float* u, int64_t n) {
   }
 }
 
+// gelu_mul row by row: each row's elements split into vector and scalar steps the same way, whatever the rows.
+void gelu_rows(float* h, const float* u, int64_t rows, int64_t F) {
+  for (int64_t r = 0; r < rows; ++r) gelu_mul(h + r * F, u + r * F, F);
+}
+
 }  // namespace
 
 // y = x @ W.T for x float32 [M, K]; w and scales as described at the top (scales unused for bf16/fp32).
@@ -535,12 +540,12 @@ torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, to
       torch::Tensor xe = view(xs, r0, n, D), he = view(h, r0, n, F), ue = view(u, r0, n, F), ye = view(ys, r0, n, D);
       tiled_gemm(xe, w1e, he);
       tiled_gemm(xe, w3e, ue);
-      gelu_mul(&h[r0 * F], &u[r0 * F], n * F);
+      gelu_rows(&h[r0 * F], &u[r0 * F], n, F);
       tiled_gemm(he, w2e, ye);
     } else {
       gemv(&xs[r0 * D], n, w1e, &h[r0 * F]);
       gemv(&xs[r0 * D], n, w3e, &u[r0 * F]);
-      gelu_mul(&h[r0 * F], &u[r0 * F], n * F);
+      gelu_rows(&h[r0 * F], &u[r0 * F], n, F);
       gemv(&h[r0 * F], n, w2e, &ys[r0 * D]);
     }
   }

@@ -30,13 +30,17 @@ from grok1.engine.cache import clear_slot
 from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob, check_prompt
 from grok1.model import Transformer
+from grok1.quant import is_packed
 from grok1.tokenizer import Tokenizer
 
 log = logging.getLogger("grok1.engine")
 
 # Rows (tokens) up to which a step's prompts and decode rows share one forward: below the compiled
-# kernel's switch to BLAS (kernels.GEMM_MIN_ROWS), where results do not depend on the batch.
+# kernel's switch to BLAS (kernels.GEMM_MIN_ROWS), where results do not depend on the batch; with
+# panel-packed weights (quant.pack_model) no size switches kernels, so the bound only keeps long prompts on
+# the padded prefill path (batched attention).
 ONE_PASS_ROWS = kernels.GEMM_MIN_ROWS
+ONE_PASS_ROWS_PACKED = 512
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Engine:
         self.stopping = False
         self.on_step: Callable[[int, float], None] | None = None  # metrics hook: (batch size, seconds)
         self.steps = self.prompt_tokens = self.generated_tokens = 0
+        self.one_pass_rows = ONE_PASS_ROWS_PACKED if is_packed(model) else ONE_PASS_ROWS
 
     # ---- requests (any thread) ----
 
@@ -146,7 +151,7 @@ class Engine:
         """Short prompts run as one-token rows (riding along with the decode rows, if any) while the rows stay
         below the point where the matmuls switch kernels: a prompt then gets the same arithmetic whether it
         arrives alone or joins a running batch."""
-        return len(batch.decode) + sum(len(r.prompt_ids) for r in batch.prefill) < ONE_PASS_ROWS
+        return len(batch.decode) + sum(len(r.prompt_ids) for r in batch.prefill) < self.one_pass_rows
 
     def _prefill_with_decode(self, prefill: list[Request], decode: list[Request]) -> Tensor:
         """One forward for new prompts and running requests: every token is a row of its own ([N, 1], its

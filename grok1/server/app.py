@@ -1,8 +1,10 @@
 """HTTP routes: an OpenAI-compatible API over a background Engine, /health, /metrics and the chat page.
 
 The engine thread runs `Engine.step()` in a loop; a handler turns its protocol object into engine
-requests (`Job.submit`), and the engine's `on_output` callbacks hop back onto the event loop with
-`loop.call_soon_threadsafe` into the job's asyncio queue. A client that goes away (closed stream,
+requests (`Job.submit`), and the engine's `on_output` callbacks append to the job's list and wake the
+event loop (`loop.call_soon_threadsafe`, once until the job has looked). A handler takes everything that
+arrived at once: when streaming falls behind the engine, a choice's consecutive outputs go out as one
+chunk, so a loaded server spends less per token instead of queueing. A client that goes away (closed stream,
 or a non-streaming client that disconnects) cancels its requests, which frees their KV-cache slots
 at the next engine step. Every error is an OpenAI error object with the matching status.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -49,12 +52,15 @@ class Choice:
 
 
 class Job:
-    """One API call's engine requests (prompts x n) and the asyncio queue their outputs arrive on."""
+    """One API call's engine requests (prompts x n) and the outputs that have arrived for them."""
 
     def __init__(self, engine: Engine | EngineProcess, metrics: Metrics) -> None:
         self.engine, self.metrics = engine, metrics
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.lock = threading.Lock()  # guards arrived / woken against the engine's thread
+        self.arrived: list[tuple[int, Output]] = []
+        self.woken = False  # a wake-up is on its way to the event loop
+        self.ready = asyncio.Event()
         self.reqs: list[EngineRequest] = []
         self.choices: list[Choice] = []
         self.start = time.perf_counter()
@@ -77,8 +83,13 @@ class Job:
             raise p.APIError(503, str(e), "server_error", code=code)
 
     def _put(self, i: int, out: Output) -> None:  # on the engine thread
+        with self.lock:
+            self.arrived.append((i, out))
+            if self.woken:
+                return
+            self.woken = True
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
+            self.loop.call_soon_threadsafe(self.ready.set)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
@@ -86,12 +97,29 @@ class Job:
     def done(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
 
-    async def next(self, timeout: float | None = None) -> tuple[int, Output] | None:
-        """The next output (recorded into its Choice), or None after `timeout` seconds."""
-        try:
-            i, out = await asyncio.wait_for(self.queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+    async def next(self, timeout: float | None = None) -> list[tuple[int, Output]]:
+        """Every output that has arrived since the last call, each recorded into its Choice, a choice's
+        consecutive outputs merged into one, in arrival order; [] after `timeout` seconds without any."""
+        while True:
+            with self.lock:
+                got, self.arrived, self.woken = self.arrived, [], False
+                self.ready.clear()
+            if got:
+                break
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+        merged: dict[int, Output] = {}
+        for i, out in got:
+            self._record(i, out)
+            prev = merged.pop(i, None)  # re-inserted: a choice's place is its latest output's
+            merged[i] = out if prev is None else dataclasses.replace(
+                out, token_ids=prev.token_ids + out.token_ids, text=prev.text + out.text,
+                logprobs=prev.logprobs + out.logprobs)
+        return list(merged.items())
+
+    def _record(self, i: int, out: Output) -> None:
         c = self.choices[i]
         c.text += out.text
         c.logprobs += out.logprobs
@@ -102,7 +130,6 @@ class Job:
             c.finish_reason = out.finish_reason
             self.metrics.finished(c.prompt_tokens, c.completion_tokens, c.first_token,
                                   time.perf_counter() - self.start)
-        return i, out
 
     def cancel(self) -> None:
         for r in self.reqs:
@@ -137,7 +164,7 @@ def create_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name:
     app.add_middleware(CountRequests, metrics=metrics)
     add_error_handlers(app)
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:  # async: a plain def would run on a worker thread per request
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -324,15 +351,16 @@ async def collect(job: Job, request: Request) -> None:
 
 
 async def stream_outputs(job: Job) -> AsyncIterator[tuple[int, Output]]:
-    """Outputs worth a chunk (new text, logprobs or a finish) until every choice is done. If the client
+    """Outputs worth a chunk (new text, logprobs or a finish; outputs that arrived together merged, see
+    Job.next) until every choice is done. If the client
     goes away the response task is cancelled here, and the finally cancels the engine requests."""
     try:
         while not job.done:
-            i, out = await job.next()  # type: ignore[misc]  # no timeout: never None
-            if out.finish_reason in ("error", "cancelled"):
-                continue
-            if out.text or out.logprobs or out.finish_reason:
-                yield i, out
+            for i, out in await job.next():
+                if out.finish_reason in ("error", "cancelled"):  # reported by stream_tail; text before it is not lost
+                    out = dataclasses.replace(out, finish_reason=None)
+                if out.text or out.logprobs or out.finish_reason:
+                    yield i, out
     finally:
         job.cancel()
 

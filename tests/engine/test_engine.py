@@ -212,3 +212,44 @@ def test_prompts_joining_a_running_batch_share_its_forward_and_change_nothing():
     finally:
         del model.forward
     assert [r.output_ids for r in reqs] == alone
+
+
+def test_packed_model_takes_any_batch_of_prompts_in_one_forward_and_changes_nothing():
+    """With panel-packed weights (what `grok1 serve` runs) no batch size switches kernels, so prompts joining a
+    running batch share its forward even past the row-major kernel's 32-row switch, and every request still
+    gets exactly the tokens it gets alone."""
+    from grok1 import kernels
+    from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.quant import is_packed, pack_model
+    from grok1.tokenizer import Tokenizer
+    from grok1.weights.load import load_model, resolve_config
+
+    if kernels.cpu_ops() is None:
+        pytest.skip("the CPU kernel could not be compiled here: nothing is packed")
+    model = pack_model(load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT, None, None)))
+    assert is_packed(model)
+    tok = Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
+    texts = ["It is a truth universally acknowledged, that a single man", "Mr. Darcy was", "She said",
+             "The weather at Longbourn had been fine for a week, and the ladies", "Elizabeth could not help",
+             "Mrs. Bennet was quite disconcerted by the news that the officers would", "Jane smiled"]
+    prompts = [tok.encode(t) for t in texts]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    eng = Engine(model, tok, EngineConfig(max_batch=8, max_seq_len=128))
+    alone = [eng.generate([p], [greedy])[0].output_ids for p in prompts]
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        reqs = [eng.add_request(p, greedy) for p in prompts[:2]]
+        eng.step()
+        eng.step()
+        reqs += [eng.add_request(p, greedy) for p in prompts[2:]]  # five prompts at once join two decoding rows
+        assert 2 + sum(len(p) for p in prompts[2:]) > kernels.GEMM_MIN_ROWS
+        before = len(calls)
+        eng.step()
+        assert len(calls) - before == 1, "the prompts and the running requests took separate forwards"
+        while any(r.finish_reason is None for r in reqs):
+            eng.step()
+    finally:
+        del model.forward
+    assert [r.output_ids for r in reqs] == alone

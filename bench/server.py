@@ -11,6 +11,11 @@ over all requests of the level), errors, the engine's mean step time and batch, 
 over the whole series: the machine is shared). `--soak S` then runs the highest level for S seconds and reports
 errors and the server's RSS at start and end.
 
+The clients share the machine with the server, so what they spend per token is taken from it: the default
+`--client raw` speaks HTTP/1.1 over asyncio streams (keep-alive, chunked bodies, server-sent events scanned
+as bytes, JSON decoded only for the usage chunk), ~25 us of CPU per token here; `--client httpx` is the
+usual Python client (~110 us per token, more than the HTTP server's own ~80 us).
+
     python -m bench.server --table                          # the bundled demo model
     python -m bench.server --golden --concurrency 1,16 --requests 2 --soak 0
     python -m bench.server --checkpoint DIR --config JSON --tokenizer MODEL
@@ -28,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from statistics import median
 
@@ -123,9 +129,74 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
     return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens}
 
 
+class RawClient:
+    """One keep-alive HTTP/1.1 connection, reopened after an error."""
+
+    def __init__(self, url: str) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def stream(self, body: dict) -> AsyncIterator[bytes]:
+        """POST /v1/completions; yields each server-sent event's data (bytes)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        data = json.dumps(body).encode()
+        self.writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), len(data), data))
+        status = await self.reader.readline()
+        headers = []
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            headers.append(line.lower())
+        if b" 200 " not in status:
+            length = next((int(h.split(b":")[1]) for h in headers if h.startswith(b"content-length:")), 0)
+            raise ValueError(f"{status.decode().strip()}: {(await self.reader.readexactly(length))[:200]!r}")
+        pending = b""
+        while size := int((await self.reader.readline()).strip(), 16):  # chunked body; 0 = its end
+            pending += (await self.reader.readexactly(size + 2))[:-2]
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: "):
+                    yield event[6:]
+        await self.reader.readexactly(2)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def one_request_raw(client: RawClient, model: str, max_tokens: int) -> dict:
+    """one_request over a RawClient: the same body and measurements."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens, done = 0, False
+    try:
+        async for data in client.stream(body):
+            if data == b"[DONE]":
+                done = True
+            elif data.startswith(b'{"error"'):
+                return {"error": json.loads(data)["error"]["message"]}
+            elif b'"usage": {' in data:
+                tokens = json.loads(data)["usage"]["completion_tokens"]
+            elif b'"text": ""' not in data:
+                last = time.perf_counter()
+                first = first or last
+    except (OSError, ValueError, asyncio.IncompleteReadError) as e:
+        client.close()
+        return {"error": f"{type(e).__name__}: {e}"}
+    if not done or first is None or last is None:
+        return {"error": "stream ended without [DONE] or without text"}
+    return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens}
+
+
 async def run_level(url: str, model: str, clients: int, requests: int | None, seconds: float | None,
-                    max_tokens: int, rss_pid: int | None = None) -> tuple[list[dict], float]:
-    """`clients` concurrent loops, each doing `requests` requests (or until `seconds` pass); with `rss_pid`,
+                    max_tokens: int, rss_pid: int | None = None, kind: str = "raw") -> tuple[list[dict], float]:
+    """`clients` concurrent loops (`kind`: raw or httpx clients), each doing `requests` requests (or until `seconds` pass); with `rss_pid`,
     that process's RSS is sampled every 10 s into results as {"rss_mb": ...} entries."""
     results: list[dict] = []
     deadline = time.perf_counter() + seconds if seconds else None
@@ -136,10 +207,14 @@ async def run_level(url: str, model: str, clients: int, requests: int | None, se
             results.append({"rss_mb": rss_mb(rss_pid)})
 
     async def loop(client: httpx.AsyncClient) -> None:
+        raw = RawClient(url) if kind == "raw" else None
         n = 0
         while (requests is None or n < requests) and (deadline is None or time.perf_counter() < deadline):
-            results.append(await one_request(client, url, model, max_tokens))
+            results.append(await (one_request_raw(raw, model, max_tokens) if raw else
+                                  one_request(client, url, model, max_tokens)))
             n += 1
+        if raw:
+            raw.close()
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
@@ -240,6 +315,9 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=60, help="seconds of soak at the highest level (0 = none)")
     ap.add_argument("--table", action="store_true", help="also print a markdown table on stderr")
     ap.add_argument("--no-pin", action="store_true", help="pass --no-pin to grok1 serve (engine not pinned to its CPU)")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="the streaming client: raw (asyncio HTTP/1.1, ~25 us of CPU per token) or httpx (~110 us); "
+                         "they run on the server's machine (default raw)")
     args = ap.parse_args()
     if args.golden:
         args.checkpoint, args.config = str(GOLDEN / "tiny-ckpt"), str(GOLDEN / "tiny-config.json")
@@ -251,10 +329,10 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = start_server(args, port)
     base = {"bench": "server", "commit": commit(), "model": Path(args.checkpoint or "grok-1-mini").name, "max_tokens": args.max_tokens,
-            "max_batch": args.max_batch, "threads": args.threads, "cpus": os.cpu_count()}
+            "max_batch": args.max_batch, "threads": args.threads, "cpus": os.cpu_count(), "client": args.client}
     rows = []
     try:
-        asyncio.run(run_level(url, "bench", 1, 2, None, args.max_tokens))  # warm up
+        asyncio.run(run_level(url, "bench", 1, 2, None, args.max_tokens, kind=args.client))  # warm up
         # Rounds over all levels, `--reps` times: the machine's speed drifts, so each level's median comes
         # from runs spread over the whole measurement, and the ratios between levels compare like with like.
         runs: dict[int, list[tuple[list[dict], float, dict, dict]]] = {c: [] for c in levels}
@@ -262,7 +340,8 @@ def main() -> None:
         for _ in range(args.reps):
             for c in levels:
                 before = engine_counters(url)
-                results, wall = asyncio.run(run_level(url, "bench", c, args.requests, None, args.max_tokens))
+                results, wall = asyncio.run(run_level(url, "bench", c, args.requests, None, args.max_tokens,
+                                                     kind=args.client))
                 runs[c].append((results, wall, before, engine_counters(url)))
         for c in levels:
             pooled = [r for results, _, _, _ in runs[c] for r in results]
@@ -280,7 +359,8 @@ def main() -> None:
             c = max(levels)
             rss_start = rss_mb(server.pid)
             meter = CpuMeter(server.pid)
-            results, wall = asyncio.run(run_level(url, "bench", c, None, args.soak, args.max_tokens, server.pid))
+            results, wall = asyncio.run(run_level(url, "bench", c, None, args.soak, args.max_tokens, server.pid,
+                                                 kind=args.client))
             health = httpx.get(url + "/health", timeout=10).json()
             soak = base | {"soak_s": args.soak, "clients": c} | summarize(results, wall) | {
                 "rss_start_mb": rss_start, "rss_end_mb": rss_mb(server.pid),

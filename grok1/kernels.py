@@ -1,6 +1,6 @@
-"""Compiled CPU kernels (grok1/csrc/: linear.cpp, attention.cpp, argmax.cpp, norm.cpp), built with torch's C++
-extension loader at first use, and `CompiledAttention` / `CompiledRMSNorm`, which plug the attention and
-norm kernels into a finished model (`compile_model`).
+"""Compiled CPU kernels (grok1/csrc/: linear.cpp and panels.cpp for matmuls, attention.cpp, argmax.cpp,
+norm.cpp), built with torch's C++ extension loader at first use, and `CompiledAttention` /
+`CompiledRMSNorm`, which plug the attention and norm kernels into a finished model (`compile_model`).
 
 The build is cached (under ~/.cache/torch_extensions, keyed by the sources, flags and this CPU's
 instruction set), so only the first run on a machine pays the ~30-60 s compile. Where no

@@ -17,6 +17,9 @@ is its rounding, which equals the reference's bf16(int8 * bf16 scale).
 (grok1/kernels.py, weights converted in registers) where it applies, else dequantise and use
 torch. `swap_to_int8`, `quantize_model` and `quantize_embedding` replace the modules of a finished
 model from outside; the model file knows nothing of this.
+
+For inference on CPU, `pack_model` then stores the int8 and fp32 matrices in panels, the compiled
+kernel's own layout (see "panels" below): `PackedLinear`, `PackedExperts`, `PackedEmbedding`.
 """
 
 from __future__ import annotations

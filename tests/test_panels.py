@@ -181,3 +181,37 @@ def test_packed_golden_model_matches_reference_logits(ops, golden, golden_dir, g
         with torch.inference_mode():
             logits = model(torch.tensor(golden["prompt_ids"][k:k + 1, :n], dtype=torch.long))[0].numpy()
         assert np.abs(logits - golden[f"logits_fp32_p{k}"]).max() <= 1e-3
+
+
+def test_avx2_and_scalar_builds_give_the_same_bits(ops, tmp_path_factory):
+    """The brief's machines have AVX2 but not AVX-512, other CPUs neither: built without them, the panel
+    kernel computes every output with the same operations in the same order, so its bits match this
+    build's; the row-major kernel's AVX2 loop matches its AVX-512 one (every format)."""
+    import platform
+    import subprocess
+
+    from torch.utils.cpp_extension import load
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction-set variants")
+    if subprocess.run(["g++", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("no C++ compiler")
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-mno-avx512f"]
+    builds = {"native": ops}
+    for name, extra in (("avx2", []), ("scalar", ["-mno-avx2", "-mno-fma"])):
+        builds[name] = load(name=f"grok1_kernels_test_{name}_{kernels._build_tag()}", sources=[str(p) for p in kernels._SOURCES],
+                            extra_cflags=flags + extra, extra_ldflags=["-fopenmp"])
+    g = torch.Generator().manual_seed(0)
+    for fmt in ("int8", "fp32", "int4", "bf16"):
+        for N, K, G in [(40, 256, 8), (17, 96, 1), (256, 344, 8)]:
+            if fmt == "int4" and K % 32:
+                continue
+            w, s = pack(torch.randn(N, K, generator=g), fmt, G)
+            panels = to_panels(w, s) if fmt in ("int8", "fp32") else None
+            for M in (1, 3, 8, 9, 20):
+                x = torch.randn(M, K, generator=g)
+                for name, mod in builds.items():
+                    if name != "scalar":  # the row-major kernel sums 8 lanes then across them, unlike its scalar tail
+                        assert torch.equal(mod.linear(x, w, s, 32), ops.linear(x, w, s, 32)), (name, fmt, N, K, M)
+                    if panels is not None:
+                        assert torch.equal(mod.panel_linear(x, *panels, N), ops.panel_linear(x, *panels, N)), (name, fmt, N, K, M)

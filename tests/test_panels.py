@@ -188,13 +188,13 @@ def test_avx2_and_scalar_builds_give_the_same_bits(ops, tmp_path_factory):
     kernel computes every output with the same operations in the same order, so its bits match this
     build's; the row-major kernel's AVX2 loop matches its AVX-512 one (every format)."""
     import platform
-    import subprocess
+    import shutil
 
     from torch.utils.cpp_extension import load
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 instruction-set variants")
-    if subprocess.run(["g++", "--version"], capture_output=True).returncode != 0:
+    if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
     flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-mno-avx512f"]
     builds = {"native": ops}

@@ -24,6 +24,8 @@ kernel's own layout (see "panels" below): `PackedLinear`, `PackedExperts`, `Pack
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -234,18 +236,35 @@ def quantize_model(model: Transformer, fmt: str = "int8", groups: dict[str, int]
 PANEL = 16
 
 
-def to_panels(w: Tensor, scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def to_panels(w: Tensor, scales: Tensor | None = None,
+              release: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
     """int8 (with scales) or float32 w [.., N, K] -> (panels [.., P, K, 16], float32 scales [.., G, 16 P] or
-    empty), P = ceil(N / 16)."""
+    empty), P = ceil(N / 16). Copied ~64 MB at a time, `release(rows)` called on each piece of w once copied,
+    so a memory-mapped w need not be resident whole next to its copy."""
     *lead, n, k = w.shape
-    pad = -n % PANEL
-    if pad:
-        w = torch.cat([w, w.new_zeros(*lead, pad, k)], dim=-2)
-    panels = w.reshape(*lead, (n + pad) // PANEL, PANEL, k).transpose(-1, -2).contiguous()
+    p = -(-n // PANEL)
+    panels = torch.empty(*lead, p, k, PANEL, dtype=w.dtype, device=w.device)
+    src, dst = w.reshape(-1, n, k), panels.view(-1, p, k, PANEL)
+    step = max(1, (64 << 20) // (PANEL * k * w.element_size()))  # panels per piece
+    ops = kernels.cpu_ops() if w.device.type == "cpu" and w.is_contiguous() else None
+    for i in range(src.shape[0]):
+        for p0 in range(0, p, step):
+            rows = src[i, p0 * PANEL: (p0 + step) * PANEL]  # [<= step * 16, K]
+            full, rest = divmod(rows.shape[0], PANEL)
+            if ops is not None:  # compiled: cache-blocked, both threads
+                ops.pack_panels(rows, dst[i, p0: p0 + full + (rest > 0)])
+            else:
+                dst[i, p0: p0 + full] = rows[: full * PANEL].view(full, PANEL, k).transpose(1, 2)
+                if rest:  # the last panel: its outputs past N are zero
+                    dst[i, p0 + full] = 0
+                    dst[i, p0 + full, :, :rest] = rows[full * PANEL:].T
+            if release is not None:
+                release(rows)
     if w.dtype != torch.int8:
         return panels, torch.empty(0, device=w.device)
     assert scales is not None, "int8 weights need their scales"
     s = scales.float()
+    pad = p * PANEL - n
     if pad:
         s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
     return panels, s.contiguous()
@@ -334,26 +353,37 @@ def _packable(weight: Tensor) -> bool:
     return weight.dtype in (torch.int8, torch.float32)
 
 
-def pack_model(model: Transformer) -> Transformer:
+def pack_model(model: Transformer, release: Callable[[Tensor], None] | None = None) -> Transformer:
     """Store the attention projections, the experts and the tied embedding in panels, in place, where the
     compiled CPU kernel runs them: CPU, float32 compute, kernel built, int8 or float32 weights (int4 and
     bf16 ones stay as they are). For inference: the result computes the same function (to float32
-    rounding), but training, LoRA and saving need the unpacked modules. Returns the model."""
+    rounding), but training, LoRA and saving need the unpacked modules. `release(tensor)` is called on
+    each matrix once packed (a loader's chance to drop its pages). Returns the model."""
     emb = model.tok_embeddings
     if emb.dtype != torch.float32 or model.norm.weight.device.type != "cpu" or kernels.cpu_ops() is None:
         return model
+
+    def panels(w: Tensor, s: Tensor | None) -> tuple[Tensor, Tensor]:
+        return to_panels(w.detach(), s, release)
+
     for layer in model.layers:
         att = layer.attention
         for name in ("wqkv", "wo"):
             lin = getattr(att, name)
             if isinstance(lin, (QLinear, nn.Linear)) and _packable(lin.weight):
-                scales = getattr(lin, "scales", None)
-                setattr(att, name, PackedLinear(*to_panels(lin.weight.detach(), scales), lin.weight.shape[0]))
+                setattr(att, name, PackedLinear(*panels(lin.weight, getattr(lin, "scales", None)), lin.weight.shape[0]))
         ex = layer.moe.experts
         if isinstance(ex, (QExperts, Experts)) and _packable(ex.w1):
-            packed = [to_panels(getattr(ex, f"w{i}").detach(), getattr(ex, f"s{i}", None)) for i in "123"]
-            layer.moe.experts = PackedExperts(*packed)
+            layer.moe.experts = PackedExperts(*(panels(getattr(ex, f"w{i}"), getattr(ex, f"s{i}", None)) for i in "123"))
     if isinstance(emb, TiedEmbedding) or (isinstance(emb, QEmbedding) and _packable(emb.weight)):
-        model.tok_embeddings = PackedEmbedding(*to_panels(emb.weight.detach(), getattr(emb, "scales", None)),
-                                               model.config.vocab_size)
+        model.tok_embeddings = PackedEmbedding(*panels(emb.weight, getattr(emb, "scales", None)), model.config.vocab_size)
+    if is_packed(model):
+        # What stays is small (norms, router): copy it too, so that nothing holds on to a memory-mapped
+        # checkpoint any more and its pages leave the process: the weights are in memory once, not twice.
+        for module in model.modules():
+            if not isinstance(module, (PackedLinear, PackedExperts, PackedEmbedding)):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.clone()
+                for name, b in list(module.named_buffers(recurse=False)):
+                    setattr(module, name, b.clone())
     return model

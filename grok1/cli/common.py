@@ -9,7 +9,6 @@ import torch
 
 from grok1.config import ModelConfig
 from grok1.model import Transformer
-from grok1.quant import pack_model
 from grok1.tokenizer import Tokenizer
 from grok1.weights.load import load_model, resolve_config
 
@@ -29,7 +28,7 @@ def model_from_args(args: argparse.Namespace, cfg: ModelConfig) -> Transformer:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available in this torch build")
     # Inference only (generate, chat, serve, score, check): the kernel's weight layout where it runs.
-    return pack_model(load_model(args.checkpoint, cfg, args.device, dtype))
+    return load_model(args.checkpoint, cfg, args.device, dtype, pack=not getattr(args, "no_pack", False))
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:

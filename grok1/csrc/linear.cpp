@@ -568,12 +568,15 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
                                int64_t kv_len, double scale, double cap);  // attention.cpp
 torch::Tensor argmax_rows(torch::Tensor x);  // argmax.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);  // norm.cpp
+torch::Tensor pack_panels(torch::Tensor src, torch::Tensor dst);  // panels.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the kernels run: a server's event loop keeps going meanwhile.
   m.def("linear", &linear, "y = x @ W.T with W int8 (+scales), packed int4 (+scales), bf16 or fp32",
         py::call_guard<py::gil_scoped_release>());
   m.def("panel_linear", &panel_linear, "y = x @ W.T with W packed in panels [P, K, 16], int8 (+float32 scales) or fp32",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("pack_panels", &pack_panels, "dst [P, K, 16] <- rows [R, K] in panels (quant.to_panels)",
         py::call_guard<py::gil_scoped_release>());
   m.def("experts", &experts, "the experts of one MoE layer: y[t] = sum_a gate[t, a] * expert_idx[t, a](x[t])",
         py::call_guard<py::gil_scoped_release>());

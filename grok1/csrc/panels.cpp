@@ -181,3 +181,34 @@ void panel_matmul(const float* x, int64_t M, const void* w, bool int8, const flo
     else rows_against<float>(x, M, W, u0, u1, y);
   }
 }
+
+// dst [P, K, 16] (a slice of panels) <- src rows [R, K], R <= 16 P (contiguous, same element type, int8 or
+// float32): dst[p, k, j] = src[16 p + j, k], zero where 16 p + j >= R. Each panel reads its 16 rows side by
+// side (16 sequential streams) and writes sequentially; threads split the panels.
+template <typename T>
+void pack_rows(const T* s, T* d, int64_t R, int64_t K, int64_t P) {
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* rows[16];
+      int live = 0;
+      for (int j = 0; j < 16; ++j)
+        if (16 * p + j < R) rows[live++] = s + (16 * p + j) * K;
+      T* out = d + p * K * 16;
+      for (int64_t k = 0; k < K; ++k, out += 16) {
+        for (int j = 0; j < live; ++j) out[j] = rows[j][k];
+        for (int j = live; j < 16; ++j) out[j] = T(0);
+      }
+    }
+  });
+}
+
+torch::Tensor pack_panels(torch::Tensor src, torch::Tensor dst) {
+  TORCH_CHECK(src.dim() == 2 && dst.dim() == 3 && dst.size(2) == 16 && src.size(1) == dst.size(1) &&
+              src.size(0) <= 16 * dst.size(0) && src.scalar_type() == dst.scalar_type() && src.is_contiguous() &&
+              dst.is_contiguous() && (src.scalar_type() == at::kChar || src.scalar_type() == at::kFloat),
+              "pack_panels: src [R, K], dst [P, K, 16] with R <= 16 P, both contiguous int8 or float32");
+  const int64_t R = src.size(0), K = src.size(1), P = dst.size(0);
+  if (src.scalar_type() == at::kChar) pack_rows(src.data_ptr<int8_t>(), dst.data_ptr<int8_t>(), R, K, P);
+  else pack_rows(src.data_ptr<float>(), dst.data_ptr<float>(), R, K, P);
+  return dst;
+}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from grok1.config import ModelConfig, from_name
 from grok1.kernels import compile_model
 from grok1.model import Transformer
-from grok1.quant import QEmbedding, swap_to_int8
+from grok1.quant import QEmbedding, pack_model, swap_to_int8
 from grok1.weights import legacy, names
 from grok1.weights import safetensors as st
 from grok1.weights.legacy import CheckpointError
@@ -113,10 +113,11 @@ def _assign(model: nn.Module, name: str, tensor: Tensor, dtype: torch.dtype) -> 
 
 
 def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None) -> Transformer:
+               dtype: torch.dtype | None = None, pack: bool = False) -> Transformer:
     """Load a checkpoint (grok1 safetensors or the release's ckpt-0) into an eval-mode Transformer
     computing in `dtype` on `device`. int8 weights stay int8; attention runs the compiled kernel where it
-    applies (kernels.CompiledAttention)."""
+    applies (kernels.CompiledAttention). pack=True: for inference, the matrices in the kernel's panels
+    (quant.pack_model), each memory-mapped original dropped once copied."""
     dtype = dtype or default_dtype(device)
     stored_table = False
     if st.is_checkpoint(checkpoint):
@@ -141,7 +142,8 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
-    return compile_model(model.eval())
+    model = compile_model(model.eval())
+    return pack_model(model, release=st.release_pages) if pack else model
 
 
 def weight_kind(model: Transformer) -> str:

@@ -24,12 +24,14 @@ split (`names.tp_split_axis` says which axis each tensor splits on).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
 import os
 import queue
 import struct
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -340,6 +342,36 @@ def open_shard(file: str | Path) -> dict[str, Tensor]:
         t = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
         out[name] = t.view(info["shape"])
     return out
+
+
+def release_pages(t: Tensor) -> None:
+    """Drop the pages of a tensor handed out by `open_shard` once it is no longer needed (e.g. copied into
+    another layout): the memory map lives as long as any tensor of its shard, so without this a model
+    rebuilt from the mapped weights holds them twice. Only whole pages inside t, only where they belong to a
+    private file mapping (dropped pages read back from the file if touched); a no-op elsewhere and off Linux."""
+    if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous() or not t.numel():
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end <= start or not _in_private_file_mapping(start, end):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+def _in_private_file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one private mapping of a file (/proc/self/maps)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= start and end <= hi:
+            return fields[1].endswith("p") and len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    return False
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, str]:

@@ -131,3 +131,19 @@ def test_serve_uses_one_thread_for_a_small_model_unless_told(monkeypatch):
     assert torch.get_num_threads() == threads  # nothing was really changed for the other tests
     # larger models keep torch's choice: BENCH.md's config S is already past the limit
     assert PRESETS["grok-1-mini"].weight_bytes() < serve.SMALL_MODEL_BYTES <= PRESETS["bench-s"].weight_bytes()
+
+
+def test_inference_commands_pack_the_weights_unless_told(golden, model_args, capsys):
+    """The weights go into the kernel's panels at load (where it runs), or stay as stored with --no-pack;
+    either way the golden prompt gets the reference's greedy tokens."""
+    from grok1 import kernels
+    from grok1.cli.common import config_from_args, model_from_args
+    from grok1.cli.main import build_parser
+    from grok1.quant import is_packed
+
+    prompt = str(golden["prompt_text"][0])
+    for flags, packed in (([], kernels.cpu_ops() is not None), (["--no-pack"], False)):
+        args = build_parser().parse_args(["generate", *model_args, *flags, prompt])
+        assert is_packed(model_from_args(args, config_from_args(args))) == packed
+        assert main(["generate", *model_args, *flags, prompt, "--temperature", "0", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["token_ids"][:16] == golden["greedy_fp32"][0].tolist()

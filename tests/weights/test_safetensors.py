@@ -1,6 +1,8 @@
 """grok1's safetensors format: release -> grok1 is bit-identical, memory-mapped, atomic."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,52 @@ def test_every_stored_format_round_trips_with_a_stored_table(tmp_path, fmt):
     tokens = torch.randint(1, cfg.vocab_size, (1, 5))
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))
+
+
+def _rss_file_kb() -> int:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+def test_release_pages_drops_mapped_pages_and_never_touches_other_memory(tmp_path):
+    from safetensors.torch import save_file
+
+    big = torch.randn(16 << 20 >> 2)  # 16 MB
+    save_file({"big": big, "small": torch.ones(3)}, tmp_path / "x.safetensors")
+    mapped = st.open_shard(tmp_path / "x.safetensors")["big"]
+    assert torch.equal(mapped, big)  # every page touched: resident
+    before = _rss_file_kb()
+    st.release_pages(mapped)
+    assert before - _rss_file_kb() >= 12 << 10  # most of its 16 MB left the process
+    assert torch.equal(mapped, big)  # touched again, the pages come back from the file
+    anonymous = big.clone()
+    st.release_pages(anonymous)  # not a file mapping: left alone (MADV_DONTNEED would zero it)
+    assert torch.equal(anonymous, big)
+
+
+def test_packing_at_load_keeps_the_weights_once(tmp_path):
+    """load_model(pack=True) copies the mapped matrices into panels, and the rest too, so no tensor of the
+    model points into the checkpoint's memory map any more (the map can go, the weights are in memory once)."""
+    cfg = small_config()
+    model = Transformer(cfg)
+    init_weights(model)
+    quantize_model(model)
+    out = save_model(model, tmp_path / "m")
+    shard = str(next(out.glob("*.safetensors")))
+    tokens = torch.randint(3, cfg.vocab_size, (1, 7))
+
+    def in_shard_mapping(m: torch.nn.Module) -> list[str]:
+        spans = [[int(x, 16) for x in line.split()[0].split("-")]
+                 for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(shard)]
+        return [n for n, t in [*m.named_parameters(), *m.named_buffers()]
+                if t.numel() and any(lo <= t.data_ptr() < hi for lo, hi in spans)]
+
+    plain = load_model(out, cfg)
+    packed = load_model(out, cfg, pack=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
+    if sys.platform.startswith("linux"):
+        assert in_shard_mapping(plain)  # the check sees mapped tensors
+        if kernels.cpu_ops() is not None:
+            assert in_shard_mapping(packed) == []

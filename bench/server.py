@@ -261,7 +261,8 @@ def engine_summary(before: dict[str, float], after: dict[str, float]) -> dict:
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "grok1", "serve", "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--model-name", "bench",
-           "--threads", str(args.threads)] + (["--no-pin"] if args.no_pin else [])
+           "--threads", str(args.threads)] + (["--no-pin"] if args.no_pin else []) + (
+              ["--no-prefix-reuse"] if args.no_prefix_reuse else [])
     for flag in ("checkpoint", "config", "tokenizer", "preset", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
@@ -315,6 +316,9 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=60, help="seconds of soak at the highest level (0 = none)")
     ap.add_argument("--table", action="store_true", help="also print a markdown table on stderr")
     ap.add_argument("--no-pin", action="store_true", help="pass --no-pin to grok1 serve (engine not pinned to its CPU)")
+    ap.add_argument("--no-prefix-reuse", action="store_true",
+                    help="pass --no-prefix-reuse to grok1 serve (every request sends the same prompt, so by default "
+                         "all but its last token come from a cache row)")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="the streaming client: raw (asyncio HTTP/1.1, ~25 us of CPU per token) or httpx (~110 us); "
                          "they run on the server's machine (default raw)")
@@ -329,7 +333,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = start_server(args, port)
     base = {"bench": "server", "commit": commit(), "model": Path(args.checkpoint or "grok-1-mini").name, "max_tokens": args.max_tokens,
-            "max_batch": args.max_batch, "threads": args.threads, "cpus": os.cpu_count(), "client": args.client}
+            "max_batch": args.max_batch, "threads": args.threads, "cpus": os.cpu_count(), "client": args.client,
+            "prefix_reuse": not args.no_prefix_reuse}
     rows = []
     try:
         asyncio.run(run_level(url, "bench", 1, 2, None, args.max_tokens, kind=args.client))  # warm up

@@ -32,6 +32,10 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: 1 for models under 64 MB of weights, such as the demo model, "
                         "whose matmuls are too small to share; else torch's choice); 1 is also often faster on a "
                         "busy machine, where idle-waiting threads stall every step")
+    g.add_argument("--no-prefix-reuse", action="store_true",
+                   help="compute every prompt whole (by default, with packed weights, a prompt that starts like a "
+                        "finished request's tokens, e.g. the next turn of a chat, skips the part a free KV-cache "
+                        "row still holds; the tokens are the same either way)")
     g.add_argument("--persona", choices=sorted(PERSONAS),
                    help="system prompt for chats that bring none: grok = witty, with a rebellious streak")
 
@@ -68,6 +72,7 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
     if args.max_batch < 1 or args.max_seq_len < 2:
         raise ValueError(f"--max-batch must be >= 1 and --max-seq-len >= 2 (got {args.max_batch}, {args.max_seq_len})")
     config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                          prefix_reuse=not getattr(args, "no_prefix_reuse", False),
                           max_queue=getattr(args, "max_queue", EngineConfig.max_queue))
     return Engine(model, tokenizer, config)
 

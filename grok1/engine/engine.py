@@ -3,7 +3,8 @@
 `step()` is schedule -> run the model -> sample -> postprocess:
   - requests admitted this step are prefilled into their own cache rows (`cache_rows`), giving the
     logits of each prompt's last token: short prompts as one-token rows in the same forward as the
-    decode rows, longer ones together, right-padded;
+    decode rows, longer ones together, right-padded; with packed weights, a prompt admitted into a row
+    that still holds a finished request's tokens skips the prefix they share (prefix reuse);
   - every other running request decodes one token in a batched forward over its rows;
   - one token is sampled per request with its own SamplingParams and seeded generator, so a
     request gets the same tokens whatever else shares the batch.
@@ -49,6 +50,8 @@ class EngineConfig:
     max_seq_len: int = 2048  # tokens per row (prompt + completion); capped at the model's context
     max_queue: int = 256  # waiting requests beyond which add_request raises QueueFull
     prefill_tokens: int = 4096  # padded prompt tokens one prefill may hold (at least one prompt)
+    prefix_reuse: bool = True  # a prompt starting like a finished request's tokens reuses its cache row
+                               # (where exact: packed models, see Engine.__init__)
 
 
 class Engine:
@@ -58,15 +61,18 @@ class Engine:
         self.max_seq_len = min(config.max_seq_len, model.config.max_seq_len)
         self.device = model.norm.weight.device
         self.cache = model.new_cache(config.max_batch, self.max_seq_len)
+        # With every matrix in panels a token's keys and values are the same bits whatever batch computed
+        # them, so a cache row's earlier tokens can stand in for a new prompt's: prefix reuse changes nothing.
+        packed = is_packed(model)
         self.scheduler = Scheduler(config.max_batch, self.max_seq_len, config.max_queue, config.prefill_tokens,
-                                   model.config.eos_id, tokenizer)
+                                   model.config.eos_id, tokenizer, prefix_reuse=config.prefix_reuse and packed)
         self.lock = threading.Lock()  # guards the scheduler between step() and other threads
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.on_step: Callable[[int, float], None] | None = None  # metrics hook: (batch size, seconds)
-        self.steps = self.prompt_tokens = self.generated_tokens = 0
-        self.one_pass_rows = ONE_PASS_ROWS_PACKED if is_packed(model) else ONE_PASS_ROWS
+        self.steps = self.prompt_tokens = self.generated_tokens = self.reused_tokens = 0
+        self.one_pass_rows = ONE_PASS_ROWS_PACKED if packed else ONE_PASS_ROWS
 
     # ---- requests (any thread) ----
 
@@ -106,7 +112,8 @@ class Engine:
             s = self.scheduler
             return {"waiting": len(s.waiting), "running": len(s.running), "free_slots": s.slots.num_free,
                     "max_batch": s.slots.n_slots, "steps": self.steps, "prompt_tokens": self.prompt_tokens,
-                    "generated_tokens": self.generated_tokens, "finished": dict(s.finished)}
+                    "generated_tokens": self.generated_tokens, "reused_prompt_tokens": self.reused_tokens,
+                    "finished": dict(s.finished)}
 
     # ---- the step (one thread) ----
 
@@ -132,12 +139,15 @@ class Engine:
                 emits += self.scheduler.postprocess(reqs, tokens.tolist(), lps)
             self.steps += 1
             self.prompt_tokens += sum(len(r.prompt_ids) for r in batch.prefill)
+            self.reused_tokens += sum(r.cached for r in batch.prefill)
             self.generated_tokens += len(reqs)
             if self.on_step is not None:
                 self.on_step(len(batch), time.perf_counter() - t0)
         return self._deliver(emits)
 
     def _prefill(self, reqs: list[Request]) -> Tensor:
+        for r in reqs:  # the padded path computes whole prompts (its keys are not one-token rows' bits)
+            r.cached, r.exact_kv = 0, False
         lengths = torch.tensor([len(r.prompt_ids) for r in reqs], device=self.device)
         tokens = torch.full((len(reqs), int(lengths.max())), self.model.config.pad_id, device=self.device)
         for i, r in enumerate(reqs):
@@ -151,18 +161,19 @@ class Engine:
         """Short prompts run as one-token rows (riding along with the decode rows, if any) while the rows stay
         below the point where the matmuls switch kernels: a prompt then gets the same arithmetic whether it
         arrives alone or joins a running batch."""
-        return len(batch.decode) + sum(len(r.prompt_ids) for r in batch.prefill) < self.one_pass_rows
+        return len(batch.decode) + sum(len(r.prompt_ids) - r.cached for r in batch.prefill) < self.one_pass_rows
 
     def _prefill_with_decode(self, prefill: list[Request], decode: list[Request]) -> Tensor:
         """One forward for new prompts and running requests: every token is a row of its own ([N, 1], its
         position and cache row), so nothing is padded; logits for each prompt's last token and each decode row."""
         tokens, pos, rows, last = [], [], [], []
-        for r in prefill:
-            clear_slot(self.cache, r.slot)
-            tokens += r.prompt_ids
-            pos += range(len(r.prompt_ids))
-            rows += [r.slot] * len(r.prompt_ids)
+        for r in prefill:  # positions before r.cached: already in its row (prefix reuse)
+            clear_slot(self.cache, r.slot, r.cached)
+            tokens += r.prompt_ids[r.cached:]
+            pos += range(r.cached, len(r.prompt_ids))
+            rows += [r.slot] * (len(r.prompt_ids) - r.cached)
             last.append(len(tokens) - 1)
+            r.exact_kv = True
         last += range(len(tokens), len(tokens) + len(decode))
         tokens += [r.output_ids[-1] for r in decode]
         pos += [r.last_pos for r in decode]

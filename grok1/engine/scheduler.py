@@ -78,6 +78,8 @@ class Request:
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    cached: int = 0  # prompt tokens whose keys and values its slot already held (prefix reuse)
+    exact_kv: bool = False  # its keys and values were computed as one-token rows (reusable bit for bit)
 
     @property
     def last_pos(self) -> int:
@@ -101,8 +103,9 @@ class Scheduler:
     """Not thread-safe: the engine serialises calls with its lock."""
 
     def __init__(self, max_batch: int, max_seq_len: int, max_queue: int, prefill_tokens: int, eos_id: int,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, prefix_reuse: bool = False) -> None:
         self.max_seq_len, self.max_queue, self.prefill_tokens = max_seq_len, max_queue, prefill_tokens
+        self.prefix_reuse = prefix_reuse  # admit prompts into the free slot holding most of their prefix
         self.eos_id, self.tokenizer = eos_id, tokenizer
         self.slots = SlotAllocator(max_batch)
         self.waiting: deque[Request] = deque()
@@ -144,9 +147,9 @@ class Scheduler:
             if prefill and (len(prefill) + 1) * longest > self.prefill_tokens:
                 break
             req = self.waiting.popleft()
-            slot = self.slots.allocate(req.id)
-            assert slot is not None
-            req.slot = slot
+            got = self.slots.allocate_for(req.id, req.prompt_ids) if self.prefix_reuse else (self.slots.allocate(req.id), 0)
+            assert got is not None and got[0] is not None
+            req.slot, req.cached = got
             prefill.append(req)
         batch = Batch(prefill, list(self.running))
         self.running.extend(prefill)
@@ -158,7 +161,9 @@ class Scheduler:
 
     def abort_all(self, reason: str) -> list[Emit]:
         """Finish every live request with `reason` ("cancelled" at shutdown, "error" after a failed step)."""
-        return [self._finish(r, reason, "") for r in [*self.waiting, *self.running]]
+        emits = [self._finish(r, reason, "") for r in [*self.waiting, *self.running]]
+        self.slots.forget()  # a failed step may have written part of its rows
+        return emits
 
     def postprocess(self, reqs: Sequence[Request], tokens: Sequence[int],
                     logprobs: Sequence[TokenLogprob | None]) -> list[Emit]:
@@ -190,7 +195,9 @@ class Scheduler:
         req.text += text
         self.finished[reason] += 1
         if req.slot >= 0:
-            self.slots.release(req.slot)
+            # The row holds the prompt and every output token fed back so far (not the last one).
+            held = req.prompt_ids + req.output_ids[:-1] if req.exact_kv and req.output_ids else None
+            self.slots.release(req.slot, held)
             self.running.remove(req)
         else:
             self.waiting.remove(req)

@@ -81,6 +81,8 @@ class Metrics:
                 ("grok1_prompt_tokens_total", self.prompt_tokens, "counter", "Prompt tokens of finished requests."),
                 ("grok1_generation_tokens_total", self.completion_tokens, "counter", "Tokens generated for clients."),
                 ("grok1_engine_steps_total", stats["steps"], "counter", "Engine steps (one model run each)."),
+                ("grok1_reused_prompt_tokens_total", stats.get("reused_prompt_tokens", 0), "counter",
+                 "Prompt tokens not computed: a cache row already held them (prefix reuse)."),
                 ("grok1_queue_length", stats["waiting"], "gauge", "Requests waiting for a KV-cache slot."),
                 ("grok1_running_requests", stats["running"], "gauge", "Requests in the running batch."),
                 ("grok1_free_slots", stats["free_slots"], "gauge", "KV-cache rows free for new requests."),

@@ -253,3 +253,42 @@ def test_packed_model_takes_any_batch_of_prompts_in_one_forward_and_changes_noth
     finally:
         del model.forward
     assert [r.output_ids for r in reqs] == alone
+
+
+def test_prefix_reuse_skips_what_a_row_holds_and_changes_nothing(small_model):
+    """With packed weights a prompt admitted into a row that holds a finished request's tokens computes
+    only the rest, and gets exactly the tokens a fresh engine gives it; unpacked models never reuse."""
+    from grok1 import kernels
+    from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.quant import pack_model
+    from grok1.tokenizer import Tokenizer
+    from grok1.weights.load import load_model, resolve_config
+
+    if kernels.cpu_ops() is None:
+        pytest.skip("the CPU kernel could not be compiled here: nothing is packed, nothing reused")
+    model = pack_model(load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT, None, None)))
+    tok = Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    first = tok.encode("It is a truth universally acknowledged")
+
+    def fresh(prompt):
+        return Engine(model, tok, EngineConfig(max_batch=2, max_seq_len=128)).generate([prompt], [greedy])[0]
+
+    eng = Engine(model, tok, EngineConfig(max_batch=2, max_seq_len=128))
+    a = eng.generate([first], [greedy])[0]
+    assert a.cached == 0
+    # a second turn: the first prompt, part of its answer, new words (a chat re-sends its history)
+    follow = first + a.output_ids[:6] + tok.encode(" said Mrs. Bennet")
+    b = eng.generate([follow], [greedy])[0]
+    assert b.cached == len(first) + 6 and b.output_ids == fresh(follow).output_ids
+    again = eng.generate([first], [greedy])[0]  # the same prompt: all but its last token are held
+    assert again.cached == len(first) - 1 and again.output_ids == a.output_ids
+    # two at once: one row holds a prefix of both; the longer match takes it, the other prompt runs whole
+    both = eng.generate([follow, first], [greedy, greedy])
+    assert [r.output_ids for r in both] == [b.output_ids, a.output_ids]
+    assert [r.cached for r in both] == [len(first) + 6, 0]
+    assert eng.stats()["reused_prompt_tokens"] == sum(r.cached for r in [b, again, *both])
+    plain = Engine(small_model, None, EngineConfig(max_batch=2, max_seq_len=64))
+    p = [5, 9, 200, 31]
+    plain.generate([p], [greedy])
+    assert plain.generate([p], [greedy])[0].cached == 0

@@ -97,10 +97,15 @@ class CpuMeter:
         return round(100 * max(0, busy - ours) / max(1, total), 1)
 
 
+def request_body(model: str, max_tokens: int) -> dict:
+    """A greedy streaming completion of PROMPT, EOS ignored, usage in the last chunk."""
+    return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> dict:
     """Stream one completion; returns timings, or {"error": ...}."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = request_body(model, max_tokens)
     t0 = time.perf_counter()
     first = last = None
     tokens, done = 0, False
@@ -170,8 +175,7 @@ class RawClient:
 
 async def one_request_raw(client: RawClient, model: str, max_tokens: int) -> dict:
     """one_request over a RawClient: the same body and measurements."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = request_body(model, max_tokens)
     t0 = time.perf_counter()
     first = last = None
     tokens, done = 0, False

@@ -123,7 +123,27 @@ class QLinear(nn.Module):
         return _matmul(x, self.weight, self.scales)
 
 
-class QExperts(nn.Module):
+class _ExpertStacks(nn.Module):
+    """What QExperts and PackedExperts share: stacks w1, w2, w3 with scales s1, s2, s3 (maybe empty), run by
+    the compiled experts op, else expert by expert through `expert_weights` (the subclass's)."""
+
+    n_experts: int
+
+    def expert_weights(self, idx: Tensor | int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _scales(self, i: str, idx: Tensor | int) -> Tensor:
+        s = getattr(self, f"s{i}")
+        return s[idx] if s.numel() else s
+
+    def forward(self, x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor) -> Tensor:
+        if not kernels.applies(x_ND, self.w1):
+            return route_to_experts(self.expert_weights, x_ND, idx_NA, gate_NA, self.n_experts)
+        # One compiled call: routing, each chosen expert once on all its rows, the gated sum.
+        return kernels.experts(x_ND, idx_NA, gate_NA.float(), (self.w1, self.w3, self.w2), (self.s1, self.s3, self.s2))
+
+
+class QExperts(_ExpertStacks):
     """Experts with stored-format weights w1, w3 [E, F, D] and w2 [E, D, F], scales s1, s2, s3."""
 
     def __init__(self, n_experts: int, dim: int, ffn_dim: int, groups: tuple[int, int, int] = (1, 1, 1),
@@ -137,16 +157,6 @@ class QExperts(nn.Module):
 
     def expert_weights(self, idx: Tensor | int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         return tuple(unpack(getattr(self, f"w{i}")[idx], self._scales(i, idx), dtype) for i in "123")  # type: ignore[return-value]
-
-    def _scales(self, i: str, idx: Tensor | int) -> Tensor:
-        s = getattr(self, f"s{i}")
-        return s[idx] if s.numel() else s
-
-    def forward(self, x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor) -> Tensor:
-        if not kernels.applies(x_ND, self.w1):
-            return route_to_experts(self.expert_weights, x_ND, idx_NA, gate_NA, self.n_experts)
-        # One compiled call: routing, each chosen expert once on all its rows, the gated sum.
-        return kernels.experts(x_ND, idx_NA, gate_NA.float(), (self.w1, self.w3, self.w2), (self.s1, self.s3, self.s2))
 
 
 class QEmbedding(nn.Module):
@@ -291,7 +301,7 @@ class PackedLinear(nn.Module):
         return y if y is not None else F.linear(x, from_panels(self.panels, self.scales, self.out_features, x.dtype))
 
 
-class PackedExperts(nn.Module):
+class PackedExperts(_ExpertStacks):
     """Experts whose w1, w3 [E, F, D] and w2 [E, D, F] are panel-packed (int8 or float32)."""
 
     def __init__(self, w1: tuple[Tensor, Tensor], w2: tuple[Tensor, Tensor], w3: tuple[Tensor, Tensor]) -> None:
@@ -306,15 +316,6 @@ class PackedExperts(nn.Module):
         outs = {"1": self.ffn_dim, "2": self.dim, "3": self.ffn_dim}
         return tuple(from_panels(getattr(self, f"w{i}")[idx], self._scales(i, idx), outs[i], dtype)  # type: ignore[return-value]
                      for i in "123")
-
-    def _scales(self, i: str, idx: Tensor | int) -> Tensor:
-        s = getattr(self, f"s{i}")
-        return s[idx] if s.numel() else s
-
-    def forward(self, x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor) -> Tensor:
-        if not kernels.applies(x_ND, self.w1):
-            return route_to_experts(self.expert_weights, x_ND, idx_NA, gate_NA, self.n_experts)
-        return kernels.experts(x_ND, idx_NA, gate_NA.float(), (self.w1, self.w3, self.w2), (self.s1, self.s3, self.s2))
 
 
 class PackedEmbedding(nn.Module):

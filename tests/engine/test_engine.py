@@ -1,6 +1,7 @@
 """The continuous-batching Engine: batching never changes results, slots come back, limits are errors."""
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -28,6 +29,31 @@ def run_staggered(eng, prompts, params):
         eng.step()
     return [r.output_ids for r in reqs]
 
+
+
+def demo(packed: bool = False):
+    """The bundled demo model (int8, compiled kernels), packed in panels as the commands run it or not."""
+    from grok1 import kernels
+    from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.tokenizer import Tokenizer
+    from grok1.weights.load import load_model, resolve_config
+
+    if packed and kernels.cpu_ops() is None:
+        pytest.skip("the CPU kernel could not be compiled here: nothing is packed")
+    model = load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT, None, None), pack=packed)
+    return model, Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
+
+
+@contextmanager
+def counting_forwards(model):
+    """A list that gets one entry per model call while the block runs."""
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        yield calls
+    finally:
+        del model.forward
 
 def test_concurrent_greedy_equals_each_alone_and_static_generate(small_model):
     eng = engine(small_model)
@@ -186,21 +212,13 @@ def test_prompts_joining_a_running_batch_share_its_forward_and_change_nothing():
     """On the bundled demo model (int8, compiled kernels, as served): a prompt that arrives while others
     decode is run in the same forward as them (one model call per step), and every request still gets
     exactly the tokens it gets alone."""
-    from grok1.cli.common import DEFAULT_CHECKPOINT
-    from grok1.tokenizer import Tokenizer
-    from grok1.weights.load import load_model, resolve_config
-
-    model = load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT, None, None))
-    tok = Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
+    model, tok = demo()
     prompts = [tok.encode(t) for t in ["It is a truth universally acknowledged", "Mr. Darcy was",
                                        "The weather at Longbourn", "She said"]]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
     eng = Engine(model, tok, EngineConfig(max_batch=4, max_seq_len=128))
     alone = [eng.generate([p], [greedy])[0].output_ids for p in prompts]
-    calls = []
-    forward = model.forward
-    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    try:
+    with counting_forwards(model) as calls:
         reqs = []
         for p in prompts:
             reqs.append(eng.add_request(p, greedy))
@@ -209,8 +227,6 @@ def test_prompts_joining_a_running_batch_share_its_forward_and_change_nothing():
             assert len(calls) - before == 1, "the new prompt and the running requests took separate forwards"
         while any(r.finish_reason is None for r in reqs):
             eng.step()
-    finally:
-        del model.forward
     assert [r.output_ids for r in reqs] == alone
 
 
@@ -219,16 +235,10 @@ def test_packed_model_takes_any_batch_of_prompts_in_one_forward_and_changes_noth
     running batch share its forward even past the row-major kernel's 32-row switch, and every request still
     gets exactly the tokens it gets alone."""
     from grok1 import kernels
-    from grok1.cli.common import DEFAULT_CHECKPOINT
-    from grok1.quant import is_packed, pack_model
-    from grok1.tokenizer import Tokenizer
-    from grok1.weights.load import load_model, resolve_config
+    from grok1.quant import is_packed
 
-    if kernels.cpu_ops() is None:
-        pytest.skip("the CPU kernel could not be compiled here: nothing is packed")
-    model = pack_model(load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT, None, None)))
+    model, tok = demo(packed=True)
     assert is_packed(model)
-    tok = Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
     texts = ["It is a truth universally acknowledged, that a single man", "Mr. Darcy was", "She said",
              "The weather at Longbourn had been fine for a week, and the ladies", "Elizabeth could not help",
              "Mrs. Bennet was quite disconcerted by the news that the officers would", "Jane smiled"]
@@ -236,10 +246,7 @@ def test_packed_model_takes_any_batch_of_prompts_in_one_forward_and_changes_noth
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
     eng = Engine(model, tok, EngineConfig(max_batch=8, max_seq_len=128))
     alone = [eng.generate([p], [greedy])[0].output_ids for p in prompts]
-    calls = []
-    forward = model.forward
-    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    try:
+    with counting_forwards(model) as calls:
         reqs = [eng.add_request(p, greedy) for p in prompts[:2]]
         eng.step()
         eng.step()
@@ -250,24 +257,13 @@ def test_packed_model_takes_any_batch_of_prompts_in_one_forward_and_changes_noth
         assert len(calls) - before == 1, "the prompts and the running requests took separate forwards"
         while any(r.finish_reason is None for r in reqs):
             eng.step()
-    finally:
-        del model.forward
     assert [r.output_ids for r in reqs] == alone
 
 
 def test_prefix_reuse_skips_what_a_row_holds_and_changes_nothing(small_model):
     """With packed weights a prompt admitted into a row that holds a finished request's tokens computes
     only the rest, and gets exactly the tokens a fresh engine gives it; unpacked models never reuse."""
-    from grok1 import kernels
-    from grok1.cli.common import DEFAULT_CHECKPOINT
-    from grok1.quant import pack_model
-    from grok1.tokenizer import Tokenizer
-    from grok1.weights.load import load_model, resolve_config
-
-    if kernels.cpu_ops() is None:
-        pytest.skip("the CPU kernel could not be compiled here: nothing is packed, nothing reused")
-    model = pack_model(load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT, None, None)))
-    tok = Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
+    model, tok = demo(packed=True)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
     first = tok.encode("It is a truth universally acknowledged")
 

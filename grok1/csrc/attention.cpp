@@ -94,20 +94,30 @@ void softcap(float* s, int64_t n, float scale, float cap) {
   for (; j < n; ++j) s[j] = cap * std::tanh(s[j] * scale / cap);
 }
 
-// out[0..hd) = sum_j p[j] * v_j / total over j < n, v_j = v + j * hd (64 outputs at a time in registers).
+// out[0..hd) = sum_j p[j] * v_j / total over j < n, v_j = v + j * hd (32 outputs at a time in registers, even
+// and odd keys in separate sums added at the end: two independent chains of fused multiply-adds).
 void weighted_sum(const float* p, const float* v, int64_t n, int64_t hd, float total, float* out) {
   const float inv = 1.f / total;
   int64_t i = 0;
 #ifdef GROK1_AVX2
   while (i + 8 <= hd) {
-    const int64_t c = std::min<int64_t>(8, (hd - i) / 8);  // vectors in this chunk
-    __m256 acc[8];
-    for (int64_t l = 0; l < c; ++l) acc[l] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 pj = _mm256_set1_ps(p[j]);
-      for (int64_t l = 0; l < c; ++l) acc[l] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * hd + i + 8 * l), acc[l]);
+    const int64_t c = std::min<int64_t>(4, (hd - i) / 8);  // vectors in this chunk
+    __m256 even[4], odd[4];
+    for (int64_t l = 0; l < c; ++l) even[l] = odd[l] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const __m256 p0 = _mm256_set1_ps(p[j]), p1 = _mm256_set1_ps(p[j + 1]);
+      for (int64_t l = 0; l < c; ++l) {
+        even[l] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v + j * hd + i + 8 * l), even[l]);
+        odd[l] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v + (j + 1) * hd + i + 8 * l), odd[l]);
+      }
     }
-    for (int64_t l = 0; l < c; ++l) _mm256_storeu_ps(out + i + 8 * l, _mm256_mul_ps(acc[l], _mm256_set1_ps(inv)));
+    if (j < n) {
+      const __m256 p0 = _mm256_set1_ps(p[j]);
+      for (int64_t l = 0; l < c; ++l) even[l] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v + j * hd + i + 8 * l), even[l]);
+    }
+    for (int64_t l = 0; l < c; ++l)
+      _mm256_storeu_ps(out + i + 8 * l, _mm256_mul_ps(_mm256_add_ps(even[l], odd[l]), _mm256_set1_ps(inv)));
     i += 8 * c;
   }
 #endif
@@ -118,24 +128,43 @@ void weighted_sum(const float* p, const float* v, int64_t n, int64_t hd, float t
   }
 }
 
-// p[j] = exp(s[j] - max) over the allowed keys (0 elsewhere); returns the sum. No allowed key: p = 1 everywhere.
-float softmax_weights(float* s, const bool* allowed, int64_t n) {
+// p[j] = exp(s[j] - max) over the allowed keys (keep[j] = 1; 0 where keep[j] = 0); returns the sum.
+// No allowed key: p = 1 everywhere.
+float softmax_weights(float* s, const float* keep, int64_t n) {
+  int64_t j = 0;
   float m = -INFINITY;
-  for (int64_t j = 0; j < n; ++j)
-    if (allowed[j]) m = std::max(m, s[j]);
+#ifdef GROK1_AVX2
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(keep + j), _mm256_setzero_ps(), _CMP_NEQ_OQ);
+    vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + j), on));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (float x : lanes) m = std::max(m, x);
+#endif
+  for (; j < n; ++j)
+    if (keep[j] != 0.f) m = std::max(m, s[j]);
   if (m == -INFINITY) {
     std::fill(s, s + n, 1.f);
     return static_cast<float>(n);
   }
-  int64_t j = 0;
+  j = 0;
   float total = 0.f;
 #ifdef GROK1_AVX2
   const __m256 vm = _mm256_set1_ps(m);
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, grok1::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm)));
+  __m256 vsum = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(keep + j), _mm256_setzero_ps(), _CMP_NEQ_OQ);
+    const __m256 e = _mm256_and_ps(grok1::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm)), on);  // masked: 0
+    _mm256_storeu_ps(s + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  total = grok1::hsum(vsum);
 #endif
-  for (; j < n; ++j) s[j] = std::exp(s[j] - m);
-  for (j = 0; j < n; ++j) {
-    if (!allowed[j]) s[j] = 0.f;
+  for (; j < n; ++j) {
+    s[j] = keep[j] != 0.f ? std::exp(s[j] - m) : 0.f;
     total += s[j];
   }
   return total;
@@ -190,24 +219,31 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   const int64_t threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) if (threads > 1 && N * H * kv_len * Hd > (1 << 16))
   {
-    std::vector<float> s(kv_len);
-    std::unique_ptr<bool[]> allowed(new bool[kv_len]);
+    std::vector<float> s(kv_len), keep(kv_len);
+    int64_t mask_of = -1, n_keys = 0;  // the query whose mask `keep` holds (each thread's are consecutive)
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < N * H; ++i) {
       const int64_t n = i / H, h = i % H, row = rp[n];
+      if (n != mask_of) {
+        // Keys after the query's own position are masked: leave them out (unless every key is masked), so
+        // the result does not depend on kv_len, which the other queries in the call set.
+        n_keys = pp[n] + 1;
+        bool any = false;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          keep[j] = vp[row * S_max + j] ? 1.f : 0.f;
+          any = any || vp[row * S_max + j];
+        }
+        if (!any) {
+          n_keys = kv_len;  // the degenerate case: a uniform average over all kv_len keys
+          std::fill(keep.begin(), keep.begin() + n_keys, 0.f);
+        }
+        mask_of = n;
+      }
       const float* k = cache_at(kc, row, h / G, 0);
       const float* qh = &q[i * Hd];
-      // Keys after the query's own position are masked: leave them out (unless every key is masked), so the
-      // result does not depend on kv_len, which the other queries in the call set.
-      int64_t n_keys = pp[n] + 1;
-      for (int64_t j = 0; j < n_keys; ++j) allowed[j] = vp[row * S_max + j];
-      if (std::find(allowed.get(), allowed.get() + n_keys, true) == allowed.get() + n_keys) {
-        n_keys = kv_len;  // the degenerate case: a uniform average over all kv_len keys
-        std::fill(allowed.get(), allowed.get() + n_keys, false);
-      }
       scores(qh, k, n_keys, Hd, s.data());
       softcap(s.data(), n_keys, static_cast<float>(scale), static_cast<float>(cap));
-      const float total = softmax_weights(s.data(), allowed.get(), n_keys);
+      const float total = softmax_weights(s.data(), keep.data(), n_keys);
       weighted_sum(s.data(), cache_at(vc, row, h / G, 0), n_keys, Hd, total, op + i * Hd);
     }
   }

@@ -86,6 +86,26 @@ def test_a_query_gets_the_same_bits_whatever_else_is_in_the_call(ops):
         assert torch.equal(call(slice(i, i + 1)), together[i : i + 1]), f"row {i}"
 
 
+def test_keys_after_the_query_are_never_used(ops):
+    """Keys are scored in whole blocks, reading past a query's own position (and its kv_len) up to the end of
+    the cache row: whatever those positions hold, NaN included, the output is the same bits."""
+    H, K, Hd, S = 8, 2, 32, 13  # S is not a whole number of blocks
+    pos, rows = torch.tensor([4, 12, 9, 0]), torch.tensor([0, 1, 2, 3])
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(4, (H + 2 * K) * Hd, generator=g)
+    cos, sin = (t.view(4, Hd) for t in rope_cos_sin(pos[:, None], Hd, 10000.0))
+    outs = []
+    for poison in (False, True):
+        cache = filled_cache(small_config(n_heads=H, n_kv_heads=K, head_dim=Hd), 4, S, 10)
+        if poison:
+            for p, r in zip(pos.tolist(), rows.tolist()):
+                cache.k[:, r, :, p + 1:] = float("nan")
+                cache.v[:, r, :, p + 1:] = float("nan")
+        outs.append(ops.decode_attention(qkv, cos, sin, pos, rows, cache.k[1], cache.v[1], cache.valid, S, 0.125, 30.0))
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_tokens_of_one_row_in_one_call_see_each_other(ops):
     """A prompt riding along as one-token rows: each token attends to the ones before it, written in the same call."""
     cfg, plain, fast = attention_pair(4, 2, 16)

@@ -10,7 +10,9 @@
 //      the probability-weighted sum of the values. If every key is masked the softmax is uniform over all
 //      kv_len keys (what replacing masked scores by -1e30 gives, as the reference does).
 // All writes happen before any read, so tokens of one row in one call see each other causally. Each
-// query's result depends only on its own inputs and its cache row: the batch does not change it.
+// query's result depends only on its own inputs and its cache row: the batch does not change it. The G query
+// heads of a KV head are computed together, sharing its value loads; keys are scored in whole blocks of 8,
+// those past the query's position masked, so a row's later positions (whatever they hold) never count.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -77,85 +79,61 @@ void scores(const float* q, const float* k, int64_t n, int64_t hd, float* s) {
   for (; j < n; ++j) s[j] = dot(q, k + j * hd, hd);
 }
 
-// s[j] = cap * tanh(s[j] * scale / cap) for j < n.
+// Keys are scored in blocks of KB (8 in AVX2 builds, 1 in scalar ones): the score buffers are padded to a
+// whole block and the keys past a query's own are masked, so no key takes a scalar path.
+#ifdef GROK1_AVX2
+constexpr int64_t KB = 8;
+#else
+constexpr int64_t KB = 1;
+#endif
+inline int64_t padded(int64_t n) { return (n + KB - 1) / KB * KB; }
+
+// s[j] = cap * tanh(s[j] * (scale / cap)) for j < n (a whole number of blocks).
 void softcap(float* s, int64_t n, float scale, float cap) {
+  const float k = scale / cap;
   int64_t j = 0;
 #ifdef GROK1_AVX2
-  const __m256 vscale = _mm256_set1_ps(scale), vcap = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.f);
+  const __m256 vk = _mm256_set1_ps(k), vcap = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.f);
   const __m256 sign = _mm256_set1_ps(-0.f), minus2 = _mm256_set1_ps(-2.f);
   for (; j + 8 <= n; j += 8) {
-    const __m256 u = _mm256_div_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), vscale), vcap);
+    const __m256 u = _mm256_mul_ps(_mm256_loadu_ps(s + j), vk);
     // tanh|u| = (1 - e) / (1 + e), e = exp(-2|u|); the sign of u put back
     const __m256 e = grok1::exp8(_mm256_mul_ps(minus2, _mm256_andnot_ps(sign, u)));
     const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
     _mm256_storeu_ps(s + j, _mm256_mul_ps(vcap, _mm256_or_ps(t, _mm256_and_ps(sign, u))));
   }
 #endif
-  for (; j < n; ++j) s[j] = cap * std::tanh(s[j] * scale / cap);
+  for (; j < n; ++j) s[j] = cap * std::tanh(s[j] * k);
 }
 
-// out[0..hd) = sum_j p[j] * v_j / total over j < n, v_j = v + j * hd (32 outputs at a time in registers, even
-// and odd keys in separate sums added at the end: two independent chains of fused multiply-adds).
-void weighted_sum(const float* p, const float* v, int64_t n, int64_t hd, float total, float* out) {
-  const float inv = 1.f / total;
-  int64_t i = 0;
-#ifdef GROK1_AVX2
-  while (i + 8 <= hd) {
-    const int64_t c = std::min<int64_t>(4, (hd - i) / 8);  // vectors in this chunk
-    __m256 even[4], odd[4];
-    for (int64_t l = 0; l < c; ++l) even[l] = odd[l] = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 2 <= n; j += 2) {
-      const __m256 p0 = _mm256_set1_ps(p[j]), p1 = _mm256_set1_ps(p[j + 1]);
-      for (int64_t l = 0; l < c; ++l) {
-        even[l] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v + j * hd + i + 8 * l), even[l]);
-        odd[l] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v + (j + 1) * hd + i + 8 * l), odd[l]);
-      }
-    }
-    if (j < n) {
-      const __m256 p0 = _mm256_set1_ps(p[j]);
-      for (int64_t l = 0; l < c; ++l) even[l] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v + j * hd + i + 8 * l), even[l]);
-    }
-    for (int64_t l = 0; l < c; ++l)
-      _mm256_storeu_ps(out + i + 8 * l, _mm256_mul_ps(_mm256_add_ps(even[l], odd[l]), _mm256_set1_ps(inv)));
-    i += 8 * c;
-  }
-#endif
-  for (; i < hd; ++i) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < n; ++j) acc = std::fma(p[j], v[j * hd + i], acc);
-    out[i] = acc * inv;
-  }
-}
-
-// p[j] = exp(s[j] - max) over the allowed keys (keep[j] = 1; 0 where keep[j] = 0); returns the sum.
-// No allowed key: p = 1 everywhere.
-float softmax_weights(float* s, const float* keep, int64_t n) {
+// p[j] = exp(s[j] - max) over the allowed keys (keep[j] = 1; 0 where keep[j] = 0) for j < m (a whole number of
+// blocks); returns the sum. No allowed key: p = 1 for the first n keys, and the sum is n.
+float softmax_weights(float* s, const float* keep, int64_t n, int64_t m) {
   int64_t j = 0;
-  float m = -INFINITY;
+  float mx = -INFINITY;
 #ifdef GROK1_AVX2
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   const __m256 ninf = _mm256_set1_ps(-INFINITY);
-  for (; j + 8 <= n; j += 8) {
+  for (; j + 8 <= m; j += 8) {
     const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(keep + j), _mm256_setzero_ps(), _CMP_NEQ_OQ);
     vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + j), on));
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
-  for (float x : lanes) m = std::max(m, x);
+  for (float x : lanes) mx = std::max(mx, x);
 #endif
-  for (; j < n; ++j)
-    if (keep[j] != 0.f) m = std::max(m, s[j]);
-  if (m == -INFINITY) {
+  for (; j < m; ++j)
+    if (keep[j] != 0.f) mx = std::max(mx, s[j]);
+  if (mx == -INFINITY) {
     std::fill(s, s + n, 1.f);
     return static_cast<float>(n);
   }
   j = 0;
   float total = 0.f;
 #ifdef GROK1_AVX2
-  const __m256 vm = _mm256_set1_ps(m);
+  const __m256 vm = _mm256_set1_ps(mx);
   __m256 vsum = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
+  for (; j + 8 <= m; j += 8) {
     const __m256 on = _mm256_cmp_ps(_mm256_loadu_ps(keep + j), _mm256_setzero_ps(), _CMP_NEQ_OQ);
     const __m256 e = _mm256_and_ps(grok1::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm)), on);  // masked: 0
     _mm256_storeu_ps(s + j, e);
@@ -163,11 +141,69 @@ float softmax_weights(float* s, const float* keep, int64_t n) {
   }
   total = grok1::hsum(vsum);
 #endif
-  for (; j < n; ++j) {
-    s[j] = keep[j] != 0.f ? std::exp(s[j] - m) : 0.f;
+  for (; j < m; ++j) {
+    s[j] = keep[j] != 0.f ? std::exp(s[j] - mx) : 0.f;
     total += s[j];
   }
   return total;
+}
+
+using namespace grok1::vec;
+
+// Heads HB x value vectors CV (of L lanes) from lane i: out_h[i..] = inv_h * sum over j < n of p_h[j] v_j[i..],
+// p_h = p + h ld, out_h = out + h hd. Each value vector is loaded once for the HB heads.
+template <int HB, int CV>
+inline void wsum_tile(const float* p, int64_t ld, const float* inv, const float* v, int64_t n, int64_t hd, int64_t i,
+                      float* out) {
+  Vec acc[HB][CV];
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < CV; ++c) acc[h][c] = zero();
+  for (int64_t j = 0; j < n; ++j) {
+    Vec x[CV];
+    for (int c = 0; c < CV; ++c) x[c] = load(v + j * hd + i + c * L);
+    for (int h = 0; h < HB; ++h) {
+      const Vec w = set1(p[h * ld + j]);
+      for (int c = 0; c < CV; ++c) acc[h][c] = fma(w, x[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < CV; ++c) store(out + h * hd + i + c * L, mul(acc[h][c], set1(inv[h])), L);
+}
+
+template <int CV>
+inline void wsum_heads(int hb, const float* p, int64_t ld, const float* inv, const float* v, int64_t n, int64_t hd,
+                       int64_t i, float* out) {
+  switch (hb) {
+    case 4: wsum_tile<4, CV>(p, ld, inv, v, n, hd, i, out); break;
+    case 3: wsum_tile<3, CV>(p, ld, inv, v, n, hd, i, out); break;
+    case 2: wsum_tile<2, CV>(p, ld, inv, v, n, hd, i, out); break;
+    default: wsum_tile<1, CV>(p, ld, inv, v, n, hd, i, out); break;
+  }
+}
+
+// The G query heads of one KV head: out_g[0..hd) = (sum over j < n of p_g[j] v_j) / total_g, v_j = v + j hd,
+// p_g = p + g ld, out_g = out + g hd. Every output is one chain of fused multiply-adds in key order, then one
+// multiply by 1 / total_g: the same operations whatever the build's vector width.
+void weighted_sums(const float* p, int64_t ld, const float* total, int64_t G, const float* v, int64_t n, int64_t hd,
+                   float* out) {
+  constexpr int HB = L == 8 ? 2 : 4;  // heads per tile: HB x 4 accumulators fit the registers (16 with AVX2)
+  float inv[HB];
+  for (int64_t g0 = 0; g0 < G; g0 += HB) {
+    const int hb = static_cast<int>(std::min<int64_t>(HB, G - g0));
+    for (int h = 0; h < hb; ++h) inv[h] = 1.f / total[g0 + h];
+    const float* pg = p + g0 * ld;
+    float* og = out + g0 * hd;
+    int64_t i = 0;
+    for (; i + 4 * L <= hd; i += 4 * L) wsum_heads<4>(hb, pg, ld, inv, v, n, hd, i, og);
+    if (i + 2 * L <= hd) wsum_heads<2>(hb, pg, ld, inv, v, n, hd, i, og), i += 2 * L;
+    for (; i + L <= hd; i += L) wsum_heads<1>(hb, pg, ld, inv, v, n, hd, i, og);
+    for (; i < hd; ++i)  // lanes past the last whole vector: the same chain, one lane at a time
+      for (int h = 0; h < hb; ++h) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < n; ++j) acc = std::fma(pg[h * ld + j], v[j * hd + i], acc);
+        og[h * hd + i] = acc * inv[h];
+      }
+  }
 }
 
 }  // namespace
@@ -213,17 +249,27 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
       std::memcpy(cache_at(vc, rp[n], h, pp[n]), src + (H + K + h) * Hd, Hd * sizeof(float));
     }
   }
-  // 2. Each (query, head) against its cache row.
+  // 2. Each (query, KV head) against its cache row: the KV head's G query heads share its key and value rows.
   torch::Tensor out = torch::empty({N, H * Hd}, qkv.options());
   float* op = out.data_ptr<float>();
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = at::get_num_threads(), ld = padded(kv_len);
+  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(cap);
 #pragma omp parallel num_threads(threads) if (threads > 1 && N * H * kv_len * Hd > (1 << 16))
   {
-    std::vector<float> s(kv_len), keep(kv_len);
+    std::vector<float> s(G * ld), keep(ld), total(G);
     int64_t mask_of = -1, n_keys = 0;  // the query whose mask `keep` holds (each thread's are consecutive)
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < N * H; ++i) {
-      const int64_t n = i / H, h = i % H, row = rp[n];
+    for (int64_t i = 0; i < N * K; ++i) {
+      const int64_t n = i / K, kh = i % K, row = rp[n];
+      if (i + 1 < N * K) {  // the start of the next item's keys and values on its way while this one computes
+        const int64_t n1 = (i + 1) / K, kh1 = (i + 1) % K;
+        const char* k1 = reinterpret_cast<const char*>(cache_at(kc, rp[n1], kh1, 0));
+        const char* v1 = reinterpret_cast<const char*>(cache_at(vc, rp[n1], kh1, 0));
+        for (int64_t b = 0, bytes = std::min<int64_t>((pp[n1] + 1) * Hd * 4, 8192); b < bytes; b += 64) {
+          __builtin_prefetch(k1 + b);
+          __builtin_prefetch(v1 + b);
+        }
+      }
       if (n != mask_of) {
         // Keys after the query's own position are masked: leave them out (unless every key is masked), so
         // the result does not depend on kv_len, which the other queries in the call set.
@@ -237,14 +283,21 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
           n_keys = kv_len;  // the degenerate case: a uniform average over all kv_len keys
           std::fill(keep.begin(), keep.begin() + n_keys, 0.f);
         }
+        std::fill(keep.begin() + n_keys, keep.begin() + padded(n_keys), 0.f);
         mask_of = n;
       }
-      const float* k = cache_at(kc, row, h / G, 0);
-      const float* qh = &q[i * Hd];
-      scores(qh, k, n_keys, Hd, s.data());
-      softcap(s.data(), n_keys, static_cast<float>(scale), static_cast<float>(cap));
-      const float total = softmax_weights(s.data(), keep.data(), n_keys);
-      weighted_sum(s.data(), cache_at(vc, row, h / G, 0), n_keys, Hd, total, op + i * Hd);
+      // Scores for whole blocks of keys: those past n_keys (later positions of the row, whatever they hold)
+      // are masked out of the softmax; past the end of the cache row there is nothing to read.
+      const int64_t m = padded(n_keys), m_read = std::min(m, S_max);
+      const float* k = cache_at(kc, row, kh, 0);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = &s[g * ld];
+        scores(&q[(n * H + kh * G + g) * Hd], k, m_read, Hd, sg);
+        std::fill(sg + m_read, sg + m, 0.f);
+        softcap(sg, m, fscale, fcap);
+        total[g] = softmax_weights(sg, keep.data(), n_keys, m);
+      }
+      weighted_sums(s.data(), ld, total.data(), G, cache_at(vc, row, kh, 0), n_keys, Hd, op + (n * H + kh * G) * Hd);
     }
   }
   return out;

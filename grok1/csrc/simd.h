@@ -1,6 +1,10 @@
-// Vector helpers shared by the kernels (linear.cpp, attention.cpp, argmax.cpp, norm.cpp): a horizontal sum
-// and an 8-lane float32 exp.
+// Vector helpers shared by the kernels (linear.cpp, panels.cpp, attention.cpp, argmax.cpp, norm.cpp): a
+// horizontal sum, an 8-lane float32 exp, and Vec, the widest float32 vector this build has.
 #pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -42,3 +46,53 @@ inline __m256 exp8(__m256 x) {
 
 }  // namespace grok1
 #endif
+
+namespace grok1::vec {
+
+// L float32 lanes: one AVX-512 register (16), one AVX2 register (8), or a plain float (scalar builds). Code
+// written lane-wise with these (no horizontal sums) gives the same bits in every build.
+#if defined(GROK1_AVX512)
+constexpr int L = 16;
+struct Vec { __m512 v; };
+inline Vec zero() { return {_mm512_setzero_ps()}; }
+inline Vec set1(float s) { return {_mm512_set1_ps(s)}; }
+inline Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Vec load(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec mul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline void store(float* p, Vec a, int n) {
+  if (n == L) _mm512_storeu_ps(p, a.v);
+  else _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), a.v);
+}
+#elif defined(GROK1_AVX2)
+constexpr int L = 8;
+struct Vec { __m256 v; };
+inline Vec zero() { return {_mm256_setzero_ps()}; }
+inline Vec set1(float s) { return {_mm256_set1_ps(s)}; }
+inline Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline Vec load(const int8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec mul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline void store(float* p, Vec a, int n) {
+  if (n == L) { _mm256_storeu_ps(p, a.v); return; }
+  alignas(32) float tmp[L];
+  _mm256_store_ps(tmp, a.v);
+  std::memcpy(p, tmp, n * sizeof(float));
+}
+#else
+constexpr int L = 1;
+struct Vec { float v; };
+inline Vec zero() { return {0.f}; }
+inline Vec set1(float s) { return {s}; }
+inline Vec load(const float* p) { return {*p}; }
+inline Vec load(const int8_t* p) { return {static_cast<float>(*p)}; }
+inline Vec fma(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
+inline Vec mul(Vec a, Vec b) { return {a.v * b.v}; }
+inline void store(float* p, Vec a, int n) { if (n) *p = a.v; }
+#endif
+
+}  // namespace grok1::vec

@@ -29,6 +29,7 @@ constexpr int PANEL = 16;
 using namespace grok1::vec;
 
 constexpr int UNITS_PER_PANEL = PANEL / L;
+template <typename T> constexpr int64_t K_PER_LINE = 64 / (PANEL * sizeof(T));  // inputs per 64-byte line of a panel
 
 struct Panels {
   const void* w;  // [P, K, 16] float32 or int8
@@ -52,6 +53,10 @@ inline void tile(const float* x, const Panels& W, int64_t u, float* y, int64_t l
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NU; ++j) acc[r][j] = zero();
     for (int64_t k = g * kg; k < (g + 1) * kg; ++k) {
+      // Each panel is a stream: ask for its weights 64 inputs ahead (non-temporal: they pass through once per
+      // step, so they need not push the rest of the working set out of the caches).
+      if (k % K_PER_LINE<T> == 0)
+        for (int j = 0; j < NU; ++j) __builtin_prefetch(col[j] + (k + 64) * PANEL, 0, 0);
       Vec w[NU];
       for (int j = 0; j < NU; ++j) w[j] = load(col[j] + k * PANEL);
       for (int r = 0; r < MR; ++r) {

@@ -14,7 +14,10 @@ errors and the server's RSS at start and end.
 The clients share the machine with the server, so what they spend per token is taken from it: the default
 `--client raw` speaks HTTP/1.1 over asyncio streams (keep-alive, chunked bodies, server-sent events scanned
 as bytes, JSON decoded only for the usage chunk), ~25 us of CPU per token here; `--client httpx` is the
-usual Python client (~110 us per token, more than the HTTP server's own ~80 us).
+usual Python client (~110 us per token, more than the HTTP server's own ~80 us). Like clients on other
+machines, they keep off the engine's CPU: when `grok1 serve` pins its engine process (the default with
+more CPUs than engine threads), this script runs on the CPUs left to HTTP (`--clients-anywhere` turns
+that off and lets the OS place the clients, on the engine's CPU too).
 
     python -m bench.server --table                          # the bundled demo model
     python -m bench.server --golden --concurrency 1,16 --requests 2 --soak 0
@@ -95,6 +98,18 @@ class CpuMeter:
     def other_pct(self) -> float:
         busy, total, ours = (b - a for a, b in zip(self.start, self.sample()))
         return round(100 * max(0, busy - ours) / max(1, total), 1)
+
+
+def keep_off_engine_cpus(server_pid: int) -> list[int] | None:
+    """Run this process on the server's HTTP CPUs when grok1 serve has pinned its engine process to CPUs
+    of its own (and itself to the rest); returns those CPUs, or None when nothing is pinned."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    ours, http = os.sched_getaffinity(0), os.sched_getaffinity(server_pid)
+    if not http < ours:
+        return None
+    os.sched_setaffinity(0, http)
+    return sorted(http)
 
 
 def request_body(model: str, max_tokens: int) -> dict:
@@ -320,6 +335,9 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=60, help="seconds of soak at the highest level (0 = none)")
     ap.add_argument("--table", action="store_true", help="also print a markdown table on stderr")
     ap.add_argument("--no-pin", action="store_true", help="pass --no-pin to grok1 serve (engine not pinned to its CPU)")
+    ap.add_argument("--clients-anywhere", action="store_true",
+                    help="let the OS place the clients (by default they keep off the engine's CPU, as remote "
+                         "clients would)")
     ap.add_argument("--no-prefix-reuse", action="store_true",
                     help="pass --no-prefix-reuse to grok1 serve (every request sends the same prompt, so by default "
                          "all but its last token come from a cache row)")
@@ -336,9 +354,10 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(args, port)
+    client_cpus = None if args.clients_anywhere else keep_off_engine_cpus(server.pid)
     base = {"bench": "server", "commit": commit(), "model": Path(args.checkpoint or "grok-1-mini").name, "max_tokens": args.max_tokens,
             "max_batch": args.max_batch, "threads": args.threads, "cpus": os.cpu_count(), "client": args.client,
-            "prefix_reuse": not args.no_prefix_reuse}
+            "prefix_reuse": not args.no_prefix_reuse, "client_cpus": client_cpus}
     rows = []
     try:
         asyncio.run(run_level(url, "bench", 1, 2, None, args.max_tokens, kind=args.client))  # warm up

@@ -24,6 +24,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import operator
+import pickle
 import os
 import signal
 import threading
@@ -228,7 +229,9 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection,
 
     def flush() -> None:
         if outputs or steps:
-            out.send(("outputs", ([_output_fields(o) for o in outputs], engine.stats(), steps[-1] if steps else None)))
+            # pickle.dumps, not Connection.send: its ForkingPickler copies the reducer table on every call
+            out.send_bytes(pickle.dumps(("outputs", ([_output_fields(o) for o in outputs], engine.stats(),
+                                                     steps[-1] if steps else None)), pickle.HIGHEST_PROTOCOL))
             outputs.clear()
             steps.clear()
 

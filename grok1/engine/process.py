@@ -24,8 +24,8 @@ import itertools
 import logging
 import multiprocessing as mp
 import operator
-import pickle
 import os
+import pickle
 import signal
 import threading
 from collections.abc import Callable, Sequence

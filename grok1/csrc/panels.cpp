@@ -29,6 +29,8 @@ constexpr int PANEL = 16;
 using namespace grok1::vec;
 
 constexpr int UNITS_PER_PANEL = PANEL / L;
+// Panels between a unit's panel and the same unit's in the next tile of NU units (whole panels only).
+template <int NU> constexpr int64_t NU_STRIDE = UNITS_PER_PANEL == 1 ? NU : 1;
 template <typename T> constexpr int64_t K_PER_LINE = 64 / (PANEL * sizeof(T));  // inputs per 64-byte line of a panel
 
 struct Panels {
@@ -55,8 +57,11 @@ inline void tile(const float* x, const Panels& W, int64_t u, float* y, int64_t l
     for (int64_t k = g * kg; k < (g + 1) * kg; ++k) {
       // Each panel is a stream: ask for its weights 64 inputs ahead (non-temporal: they pass through once per
       // step, so they need not push the rest of the working set out of the caches).
-      if (k % K_PER_LINE<T> == 0)
-        for (int j = 0; j < NU; ++j) __builtin_prefetch(col[j] + (k + 64) * PANEL, 0, 0);
+      if (k % K_PER_LINE<T> == 0) {
+        // near the panel's end: the start of the panel this unit's column of tiles reads next
+        const int64_t ahead = k + 64, next = ahead < W.K ? ahead * PANEL : (ahead - W.K) * PANEL + NU_STRIDE<NU> * W.K * PANEL;
+        for (int j = 0; j < NU; ++j) __builtin_prefetch(col[j] + next, 0, 0);
+      }
       Vec w[NU];
       for (int j = 0; j < NU; ++j) w[j] = load(col[j] + k * PANEL);
       for (int r = 0; r < MR; ++r) {

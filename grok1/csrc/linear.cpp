@@ -533,6 +533,17 @@ torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, to
     const int64_t n = start[e + 1] - start[e], r0 = start[e];
     if (n == 0) continue;
     const Weights w1e = expert(W1, s1, e), w3e = expert(W3, s3, e), w2e = expert(W2, s2, e);
+    if (panels) {  // the first tiles of the next chosen expert's matrices on their way while this one computes
+      int64_t e2 = e + 1;
+      while (e2 < E && start[e2 + 1] == start[e2]) ++e2;
+      if (e2 < E)
+        for (const Weights& W : {expert(W1, s1, e2), expert(W3, s3, e2), expert(W2, s2, e2)}) {
+          const int64_t panel_bytes = W.K * 16 * (W.int8 ? 1 : 4), ahead = std::min<int64_t>(panel_bytes, 1024);
+          for (int64_t p = 0; p < std::min<int64_t>(W.P, 4); ++p)
+            for (int64_t b = 0; b < ahead; b += 64)
+              __builtin_prefetch(static_cast<const char*>(W.w) + p * panel_bytes + b, 0, 0);
+        }
+    }
     if (n >= gemm_min_rows) {  // prefill-sized: the BLAS path, on tensor views of the buffers
       auto view = [](std::vector<float>& v, int64_t row, int64_t rows, int64_t cols) {
         return torch::from_blob(v.data() + row * cols, {rows, cols}, torch::kFloat);

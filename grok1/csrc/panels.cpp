@@ -59,7 +59,8 @@ inline void tile(const float* x, const Panels& W, int64_t u, float* y, int64_t l
       // step, so they need not push the rest of the working set out of the caches).
       if (k % K_PER_LINE<T> == 0) {
         // near the panel's end: the start of the panel this unit's column of tiles reads next
-        const int64_t ahead = k + 64, next = ahead < W.K ? ahead * PANEL : (ahead - W.K) * PANEL + NU_STRIDE<NU> * W.K * PANEL;
+        const int64_t ahead = k + 64;
+        const int64_t next = ahead < W.K ? ahead * PANEL : (ahead - W.K + NU_STRIDE<NU> * W.K) * PANEL;
         for (int j = 0; j < NU; ++j) __builtin_prefetch(col[j] + next, 0, 0);
       }
       Vec w[NU];

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from grok1 import kernels
 from grok1.engine.cache import clear_slot
+from grok1.engine.errors import ShuttingDown
 from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob, check_prompt
 from grok1.model import Transformer
@@ -89,7 +90,7 @@ class Engine:
             req.id = request_id
         with self.lock:
             if self.stopping:
-                raise RuntimeError("the engine is shutting down")
+                raise ShuttingDown("the engine is shutting down")
             self.scheduler.add(req)
         self.wakeup.set()
         return req

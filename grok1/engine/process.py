@@ -35,7 +35,8 @@ from multiprocessing.connection import Connection
 from grok1.engine.engine import Engine
 from grok1.engine.generate import TextStream
 from grok1.engine.sampling import SamplingParams
-from grok1.engine.scheduler import Output, QueueFull, check_prompt
+from grok1.engine.errors import EngineUnavailable, InvalidRequest, QueueFull, ShuttingDown
+from grok1.engine.scheduler import Output, check_prompt
 from grok1.tokenizer import Tokenizer
 
 log = logging.getLogger("grok1.engine")
@@ -108,13 +109,13 @@ class EngineProcess:
         check_prompt(prompt_ids, self.vocab_size, self.max_seq_len)
         with self.lock:
             if self.stopping:
-                raise RuntimeError("the engine is shutting down")
+                raise ShuttingDown("the engine is shutting down")
             if not self.alive():
-                raise RuntimeError(f"the engine process is not running (exit code {self.proc.exitcode}); "
+                raise EngineUnavailable(f"the engine process is not running (exit code {self.proc.exitcode}); "
                                    "see the server log")
             request_id = request_id if request_id is not None else f"r{next(self._ids)}"
             if request_id in self.requests:
-                raise ValueError(f"request id {request_id!r} is already in use")
+                raise InvalidRequest(f"request id {request_id!r} is already in use")
             waiting = len(self.requests) - self.max_batch
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting (the limit is {self.max_queue})")

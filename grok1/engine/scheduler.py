@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from grok1.engine.cache import SlotAllocator
+from grok1.engine.errors import ContextOverflow, InvalidRequest, QueueFull  # noqa: F401  QueueFull: re-exported
 from grok1.engine.generate import TextStream
 from grok1.engine.sampling import SamplingParams
 from grok1.tokenizer import Tokenizer
@@ -31,17 +32,13 @@ def check_prompt(prompt_ids: Sequence[int], vocab_size: int | None, max_seq_len:
     (given the vocabulary size) holds an id outside the vocabulary."""
     n = len(prompt_ids)
     if n == 0:
-        raise ValueError("the prompt is empty: generation needs at least one prompt token")
+        raise InvalidRequest("the prompt is empty: generation needs at least one prompt token")
     if n >= max_seq_len:
-        raise ValueError(f"the prompt has {n} tokens but the context holds {max_seq_len} "
+        raise ContextOverflow(f"the prompt has {n} tokens but the context holds {max_seq_len} "
                          f"(prompt plus at least one generated token must fit)")
     bad = [t for t in prompt_ids if vocab_size is not None and not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab_size - 1})")
-
-
-class QueueFull(Exception):
-    """Too many requests are waiting; the caller should retry later (HTTP 429)."""
+        raise InvalidRequest(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab_size - 1})")
 
 
 @dataclass
@@ -117,11 +114,11 @@ class Scheduler:
         """Queue a request. Raises ValueError for a prompt that does not fit, QueueFull when too many wait."""
         check_prompt(req.prompt_ids, None, self.max_seq_len)
         if req.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+            raise InvalidRequest("stop strings need a tokenizer")
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
         if req.id in self.requests:
-            raise ValueError(f"request id {req.id!r} is already in use")
+            raise InvalidRequest(f"request id {req.id!r} is already in use")
         wants_text = req.detokenize or req.params.stop
         req.stream = TextStream(self.tokenizer, req.params.stop, req.prompt_ids) if self.tokenizer and wants_text else None
         if req.params.seed is not None:

@@ -10,6 +10,7 @@ ALLOWED = {
     "config": set(),
     "tokenizer": set(),
     "model": {"config"},
+    "plan": {"config"},  # the memory planner: arithmetic on a ModelConfig
     "kernels": {"model"},  # compiled CPU kernels, and CompiledAttention (a model.Attention subclass); used by quant
     "quant": {"config", "model", "kernels"},
     "parallel": {"config", "model", "quant", "kernels"},

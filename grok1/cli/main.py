@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grok1.cli import chat, check, convert, generate, info, score, serve, train
+from grok1.cli import chat, check, convert, generate, info, plan, score, serve, train
 from grok1.cli.common import DEFAULT_CHECKPOINT
 
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok1", description="Run xAI's Grok-1 and models of its architecture.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = model_options()
-    for module in (generate, score, info, check, serve, chat, train, convert):
+    for module in (generate, score, info, plan, check, serve, chat, train, convert):
         module.add_parser(sub, common)
     return parser
 

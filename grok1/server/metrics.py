@@ -1,5 +1,6 @@
 """Prometheus text exposition for /metrics: request and token counters, queue and batch gauges,
-latency histograms. Written by the event loop (requests) and the engine thread (steps), hence the lock."""
+latency histograms, and the middleware that counts requests. Written by the event loop (requests) and the
+engine thread (steps), hence the lock."""
 
 from __future__ import annotations
 
@@ -95,3 +96,28 @@ class Metrics:
             for name, h in self.hist.items():
                 lines += [f"# TYPE {name} histogram", *h.lines(name)]
         return "\n".join(lines) + "\n"
+
+
+class CountRequests:
+    """ASGI middleware: count every HTTP request by endpoint and status for /metrics (a path outside
+    `endpoints` counts as "other")."""
+
+    def __init__(self, app, metrics: Metrics, endpoints: set[str]) -> None:
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"] if scope["path"] in self.endpoints else "other"
+            self.metrics.count_request(path, status)

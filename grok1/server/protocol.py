@@ -1,4 +1,5 @@
-"""The OpenAI wire format: pydantic request models, response and SSE chunk builders, error objects.
+"""The OpenAI wire format: pydantic request models, response and SSE chunk builders, error objects (which
+one each of the engine's errors becomes, and the app's handlers that turn every error into one).
 
 Only what grok1 can honour is modelled; other fields a client may send are ignored. Ranges follow
 OpenAI's (temperature 0..2, top_p (0, 1], up to 4 stop strings, logprobs 0..5 for completions and
@@ -10,10 +11,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException
 
+from grok1.engine.errors import ContextOverflow, EngineError, InvalidRequest, QueueFull, ShuttingDown
+from grok1.engine.sampling import SamplingParams
 from grok1.engine.scheduler import TokenLogprob
 from grok1.tokenizer import Tokenizer
 
@@ -35,6 +43,17 @@ class APIError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def engine_error(e: EngineError, param: str) -> APIError:
+    """The engine's refusal of a request as the client sees it; `param` names the field the prompt came from."""
+    if isinstance(e, QueueFull):
+        return APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error", code="queue_full")
+    if isinstance(e, InvalidRequest):
+        code = "context_length_exceeded" if isinstance(e, ContextOverflow) else "invalid_value"
+        return APIError(400, str(e), param=param, code=code)
+    code = "shutting_down" if isinstance(e, ShuttingDown) else "engine_unavailable"  # EngineUnavailable
+    return APIError(503, str(e), "server_error", code=code)
 
 
 class StreamOptions(BaseModel):
@@ -64,11 +83,32 @@ class SamplingFields(BaseModel):
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
+    def sampling_params(self, max_tokens: int, stop: tuple[str, ...], j: int) -> SamplingParams:
+        """Choice j's sampling parameters (choice j of n gets its own seed)."""
+        seed = None if self.seed is None else (self.seed + j) % 2**63
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
+                              max_new_tokens=max_tokens, stop=stop, ignore_eos=self.ignore_eos)
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[TokenId] | Annotated[list[str], Field(min_length=1)] | \
         Annotated[list[list[TokenId]], Field(min_length=1)]
     logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives per token")
+
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        """The four shapes of `prompt` (text, token ids, a list of texts, a list of token-id lists) as token ids."""
+        if isinstance(self.prompt, str):
+            prompts = [tokenizer.encode(self.prompt)]
+        elif not self.prompt or isinstance(self.prompt[0], int):
+            prompts = [list(self.prompt)]
+        else:
+            prompts = [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in self.prompt]
+        for ids in prompts:
+            bad = [t for t in ids if t >= tokenizer.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                               param="prompt")
+        return prompts
 
 
 class TextPart(BaseModel):
@@ -141,6 +181,69 @@ def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> dict:
                         for lp in lps]}
 
 
+def completion_choice(index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
+
+
+def chat_message(index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason(reason)}
+
+
+def chat_delta(index: int, delta: dict, logprobs: dict | None, reason: str | None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
+
+
 def sse(data: dict | str) -> str:
     """One server-sent event."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def chunk(head: dict, choice: dict) -> str:
+    """One streamed chunk: the response's head (id, object, created, model) and one choice's news."""
+    return sse(head | {"choices": [choice]})
+
+
+def stream_end(head: dict, error: APIError | None, usage: dict | None) -> Iterator[str]:
+    """A stream's last events: the error if the request failed, else the usage chunk if asked for; then [DONE]."""
+    if error is not None:
+        yield sse(error.body())
+    elif usage is not None:
+        yield sse(head | {"choices": [], "usage": usage})
+    yield sse("[DONE]")
+
+
+# ---- errors: every one an OpenAI error object ----
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer every error with an OpenAI error object: ours, a request that fails validation, FastAPI's own
+    (404, 405), and a crash (500, its name only)."""
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, crash)
+
+
+async def api_error(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    errors = e.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body(f"malformed JSON body: {first.get('msg')}", "invalid_request_error",
+                                       code="json_invalid"), status_code=400)
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return JSONResponse(error_body(f"{param or 'request'}: {first.get('msg')}", "invalid_request_error", param,
+                                   "invalid_value"), status_code=400)
+
+
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
+
+
+async def crash(request: Request, e: Exception) -> JSONResponse:
+    return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)

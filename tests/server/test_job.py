@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from grok1.engine.sampling import SamplingParams
 from grok1.engine.scheduler import Output, TokenLogprob
-from grok1.server.app import Job
+from grok1.server.bridge import Job
 from grok1.server.metrics import Metrics
 
 

@@ -37,6 +37,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int = 0  # number of top logprobs to return per token; 0 = none
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) pairs, applied before sampling
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, valid: str) -> None:
@@ -51,6 +52,10 @@ class SamplingParams:
         check("seed", self.seed is None or _is_int(self.seed), "None or an int")
         stop_ok = isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop)
         check("stop", stop_ok, "a tuple of non-empty strings")
+        bias_ok = isinstance(self.logit_bias, tuple) and all(
+            isinstance(b, tuple) and len(b) == 2 and _is_int(b[0]) and b[0] >= 0 and isinstance(b[1], (int, float))
+            and math.isfinite(b[1]) for b in self.logit_bias)
+        check("logit_bias", bias_ok, "a tuple of (token id >= 0, finite bias) pairs")
 
 
 def _is_int(v: object) -> bool:
@@ -112,8 +117,9 @@ def sample(
     logits [B, V] (any float dtype, computed in float32); temperature/top_p [B] float,
     top_k [B] int; generators: B entries, row b's noise comes from generators[b] only, so a
     seeded request gets the same tokens whatever else is in the batch. Rows with
-    temperature 0 take the argmax (ties -> lowest id); the others divide by temperature,
-    apply top-k then top-p, and draw with the exponential race argmax(probs / Exp(1)),
+    temperature 0 take the argmax (ties -> lowest id); the others subtract their largest logit
+    and divide by temperature (so a tiny temperature gives 0 for the top logits and -inf for the
+    rest: the greedy limit it approaches, never inf - inf = nan), apply top-k then top-p, and draw with the exponential race argmax(probs / Exp(1)),
     which samples from probs. Every row consumes V noise draws, greedy or not.
     use_top_k / use_top_p = False skip a filter (each sorts the whole vocabulary) when the caller
     knows no row uses it; `argmax` computes the row-wise argmaxes. Returns [B] int64.
@@ -122,7 +128,7 @@ def sample(
     logits = logits.float()
     greedy = temperature == 0  # [B]
     t = torch.where(greedy, 1.0, temperature).unsqueeze(-1)  # [B, 1]
-    scaled = logits / t
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / t  # <= 0: overflows only to -inf
     if use_top_k:
         scaled = top_k_filter(scaled, top_k)
     if use_top_p:
@@ -138,7 +144,8 @@ def sample_requests(logits: Tensor, params: Sequence[SamplingParams],
                     generators: Sequence[torch.Generator | None], argmax: ArgMax = torch_argmax) -> Tensor:
     """One token per row for rows with their own SamplingParams: greedy rows take the argmax (what
     `sample` gives them) without its full-vocabulary sorts and noise; the others go through `sample`,
-    with only the filters some row uses. logits [B, V] -> [B] int64."""
+    with only the filters some row uses; each row's logit_bias is added first. logits [B, V] -> [B] int64."""
+    logits = with_logit_bias(logits, params)
     tokens = argmax(logits)  # [B]
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
@@ -149,6 +156,19 @@ def sample_requests(logits: Tensor, params: Sequence[SamplingParams],
                              use_top_k=any(c.top_k > 0 for c in chosen), use_top_p=any(c.top_p < 1 for c in chosen),
                              argmax=argmax)
     return tokens
+
+
+def with_logit_bias(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """logits [B, V] plus each row's logit_bias (a new tensor; the same one when no row has a bias).
+    Ids outside the vocabulary are the caller's to refuse; here they are skipped."""
+    pairs = [(b, i, v) for b, p in enumerate(params) for i, v in p.logit_bias if i < logits.size(-1)]
+    if not pairs:
+        return logits
+    rows, cols, values = zip(*pairs)
+    out = logits.float().clone()
+    out.index_put_((torch.tensor(rows, device=out.device), torch.tensor(cols, device=out.device)),
+                   torch.tensor(values, dtype=out.dtype, device=out.device), accumulate=True)
+    return out
 
 
 def logprobs(logits: Tensor) -> Tensor:

@@ -221,3 +221,37 @@ def test_sample_requests_equals_sample_row_by_row():
         t, tp, tk = params_to_tensors([p], "cpu")
         want = sample(logits[b : b + 1], t, tp, tk, make_generators([p], "cpu"))
         assert got[b] == want[0], b
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-40, 1e-45])
+def test_tiny_temperature_is_the_greedy_limit(temperature: float) -> None:
+    """logits / 1e-45 overflows to +-inf and inf - inf = nan; the limit T -> 0 of sampling is the argmax."""
+    from grok1.engine.sampling import sample_requests
+
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(5)) * 4
+    logits[2] = logits[2] - 1e4  # large negative logits too: the argmax still wins
+    params = [SamplingParams(temperature=temperature, seed=s, top_p=tp, top_k=tk)
+              for s, tp, tk in [(0, 1.0, 0), (1, 0.9, 0), (2, 1.0, 50)]]
+    want = logits.argmax(-1)
+    for _ in range(5):
+        assert sample_requests(logits, params, make_generators(params, "cpu")).tolist() == want.tolist()
+    assert _sample(logits, params).tolist() == want.tolist()
+
+
+def test_logit_bias_bans_and_forces_tokens() -> None:
+    from grok1.engine.sampling import sample_requests
+
+    logits = torch.randn(2, 40, generator=torch.Generator().manual_seed(2))
+    top = logits.argmax(-1)
+    banned = SamplingParams(temperature=0.0, logit_bias=((int(top[0]), -100.0),))
+    forced = SamplingParams(temperature=0.9, seed=3, logit_bias=((7, 100.0),))
+    got = sample_requests(logits, [banned, forced], make_generators([banned, forced], "cpu"))
+    masked = logits[0].clone()
+    masked[top[0]] -= 100
+    assert got.tolist() == [int(masked.argmax()), 7]
+    before = logits.clone()
+    sample_requests(logits, [banned, forced], make_generators([banned, forced], "cpu"))
+    assert torch.equal(logits, before)  # the caller's logits are not edited
+    for bad in [((1, math.nan),), ((-1, 1.0),), ((1.5, 1.0),), [(1, 1.0)]]:
+        with pytest.raises(ValueError, match="SamplingParams.logit_bias="):
+            SamplingParams(logit_bias=bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -83,7 +84,16 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                                    "and a browser chat page at /, with continuous batching.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on everything but /health and the chat page (/); "
+                          "visible to `ps`: prefer --api-key-file or the GROK1_API_KEY environment variable")
+    key.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (its first line)")
+    p.add_argument("--allowed-hosts", metavar="H1,H2",
+                   help="Host header names to answer ('*': any; default: on a loopback --host only localhost, "
+                        "127.0.0.1 and ::1, against DNS rebinding; elsewhere any)")
+    p.add_argument("--max-body-bytes", type=int, metavar="N",
+                   help="refuse request bodies larger than N bytes with HTTP 413 (default 4194304 = 4 MiB)")
     p.add_argument("--model-name", metavar="NAME",
                    help="the model id clients ask for (default: the checkpoint directory's name)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
@@ -103,10 +113,33 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.set_defaults(run=run)
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file or $GROK1_API_KEY (in that order); an empty one is an error (it
+    would lock every client out)."""
+    if args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        key, source = (Path(args.api_key_file).read_text().splitlines() or [""])[0], f"--api-key-file {args.api_key_file}"
+    elif "GROK1_API_KEY" in os.environ:
+        key, source = os.environ["GROK1_API_KEY"], "GROK1_API_KEY"
+    else:
+        return None
+    key = key.strip()
+    if not key:
+        raise ValueError(f"{source}: the API key is empty (leave it out to serve without a key)")
+    return key
+
+
 def run(args: argparse.Namespace) -> int:
-    from grok1.server.run import serve
+    from grok1.server.run import is_loopback, serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    key = api_key(args)
+    if args.max_body_bytes is not None and args.max_body_bytes < 1024:
+        raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if key is None and not is_loopback(args.host):
+        print(f"grok1 serve: warning: listening on {args.host} without an API key: anyone who can reach this "
+              "address can use the model (set GROK1_API_KEY or --api-key-file)", file=sys.stderr, flush=True)
     cfg = config_from_args(args)  # fail fast on a bad checkpoint path or config, before starting anything
     tokenizer = tokenizer_from_args(args)
     if args.engine_thread:
@@ -122,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "
           f"chat page at http://{args.host}:{args.port}/", flush=True)
-    serve(engine, tokenizer, name, args.host, args.port, api_key=args.api_key,
-          system_prompt=PERSONAS[args.persona] if args.persona else None, shutdown_timeout=args.shutdown_timeout)
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
+    serve(engine, tokenizer, name, args.host, args.port, api_key=key,
+          system_prompt=PERSONAS[args.persona] if args.persona else None, shutdown_timeout=args.shutdown_timeout,
+          allowed_hosts=hosts, **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     return 0

@@ -3,32 +3,37 @@
 `create_app` builds the app around one `Server` (the engine, the tokenizer and this server's settings), kept
 in `app.state`; each route reads it from its request. The engine runs on its own thread (or process); a
 route hands it a `Job` (bridge.py) and builds its answer with protocol.py. Every error is an OpenAI error
-object with the matching status (protocol.add_error_handlers).
+object with the matching status (protocol.add_error_handlers). Host, API key and body limits are checked
+before any route runs (guard.py); tokenizing runs on a worker thread, so a long prompt never stalls the
+event loop (other streams, /health).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from grok1.engine.engine import Engine
 from grok1.engine.process import EngineProcess
 from grok1.engine.sampling import SamplingParams
 from grok1.server import protocol as p
 from grok1.server.bridge import Job, collect, stream_outputs
+from grok1.server.guard import Guard
 from grok1.server.metrics import CountRequests, Metrics
 from grok1.tokenizer import CHAT_STOP, Tokenizer, chat_prompt
 
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/"}
+MAX_BODY_BYTES = 4 << 20  # a full 8k-token context as text is ~40 KB, as token ids ~60 KB; 4 MiB leaves room
+BODY_TIMEOUT = 60.0  # seconds for a request's whole body to arrive
 
 
 @dataclasses.dataclass
@@ -37,7 +42,6 @@ class Server:
     engine: Engine | EngineProcess
     tokenizer: Tokenizer
     model_name: str
-    api_key: str | None
     system_prompt: str | None
     metrics: Metrics
 
@@ -58,6 +62,16 @@ class Server:
                                  f"max_tokens {max_tokens} = {len(ids) + max_tokens}; shorten the prompt or lower "
                                  "max_tokens", param=param, code="context_length_exceeded")
 
+    def check_count(self, count: int, param: str) -> None:
+        """One API call may queue at most the engine's queue length of completions: more could never be
+        admitted, so that is a 400, not a 429 that clients would retry forever."""
+        e = self.engine
+        capacity = e.max_queue if isinstance(e, EngineProcess) else e.config.max_queue
+        if count > capacity:
+            raise p.APIError(400, f"this request asks for {count} completions (prompts x n) but the server queues "
+                             f"at most {capacity}; split it into smaller requests", param=param,
+                             code="too_many_completions")
+
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], logprobs: int | None, param: str) -> Job:
         job = Job(self.engine, self.metrics)
         job.submit(prompts, params, logprobs, param)
@@ -65,15 +79,19 @@ class Server:
 
 
 def create_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-               system_prompt: str | None = None) -> FastAPI:
+               system_prompt: str | None = None, allowed_hosts: frozenset[str] | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     """The ASGI app. Starts the engine thread on startup (if not running) and stops it on shutdown.
-    `system_prompt` is used for chats that bring no system message (e.g. the Grok persona)."""
+    `system_prompt` is used for chats that bring no system message (e.g. the Grok persona). `api_key`,
+    `allowed_hosts` (None: any), `max_body_bytes` and `body_timeout`: see guard.py."""
     metrics = Metrics()
     engine.on_step = metrics.step
     app = FastAPI(title="grok1", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API for Grok-1-architecture models, served by grok1.")
-    app.state.server = Server(engine, tokenizer, model_name, api_key, system_prompt, metrics)
-    app.add_middleware(CountRequests, metrics=metrics, endpoints=ENDPOINTS)
+    app.state.server = Server(engine, tokenizer, model_name, system_prompt, metrics)
+    app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes,
+                       body_timeout=body_timeout)
+    app.add_middleware(CountRequests, metrics=metrics, endpoints=ENDPOINTS)  # outermost: counts the guard's too
     p.add_error_handlers(app)
     app.include_router(api)
     app.openapi = partial(openapi_with_model, app, model_name)  # type: ignore[method-assign]
@@ -94,16 +112,7 @@ def server(request: Request) -> Server:
     return request.app.state.server
 
 
-async def check_key(request: Request) -> None:  # async: a plain def would run on a worker thread per request
-    api_key = server(request).api_key
-    if api_key is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not given.startswith("Bearer ") or not secrets.compare_digest(given[7:].encode(), api_key.encode()):
-        raise p.APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-
-
-api = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+api = APIRouter(prefix="/v1", responses=p.ERROR_RESPONSES)
 site = APIRouter()
 
 
@@ -122,7 +131,10 @@ async def get_model(model: str, request: Request) -> dict:
 async def completions(body: p.CompletionRequest, request: Request) -> dict | StreamingResponse:
     s = server(request)
     s.check_model(body.model)
-    prompts = body.prompt_ids(s.tokenizer)
+    many = body.many_prompts()
+    s.check_count((len(body.prompt) if many else 1) * body.n, "prompt" if many else "n")
+    body.check_logit_bias(s.tokenizer.vocab_size)
+    prompts = await run_in_threadpool(body.prompt_ids, s.tokenizer)
     max_tokens = body.max_tokens or 16
     s.check_room(prompts, max_tokens, "max_tokens")
     job = s.submit([ids for ids in prompts for _ in range(body.n)],
@@ -152,12 +164,14 @@ async def completions(body: p.CompletionRequest, request: Request) -> dict | Str
 async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
     s = server(request)
     s.check_model(body.model)
+    s.check_count(body.n, "n")
+    body.check_logit_bias(s.tokenizer.vocab_size)
     if body.top_logprobs is not None and not body.logprobs:
         raise p.APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     if s.system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": s.system_prompt})
-    prompt = s.tokenizer.encode(chat_prompt(messages))
+    prompt = await run_in_threadpool(lambda: s.tokenizer.encode(chat_prompt(messages)))
     max_tokens = body.max_completion_tokens or body.max_tokens
     s.check_room([prompt], max_tokens, "max_tokens")
     if max_tokens is None:
@@ -193,7 +207,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> d
             "usage": job.usage(body.n)}
 
 
-@site.get("/health")
+@site.get("/health", responses={503: {"model": p.ErrorResponse, "description": "the engine is not running"}})
 async def health(request: Request) -> JSONResponse:
     s = server(request)
     stats = s.engine.stats()
@@ -202,7 +216,7 @@ async def health(request: Request) -> JSONResponse:
                         status_code=200 if ok else 503)
 
 
-@site.get("/metrics", response_class=PlainTextResponse)
+@site.get("/metrics", response_class=PlainTextResponse, responses={401: p.ERROR_RESPONSES[401]})
 async def prometheus(request: Request) -> PlainTextResponse:
     s = server(request)
     return PlainTextResponse(s.metrics.render(s.engine.stats()), media_type="text/plain; version=0.0.4")
@@ -219,9 +233,15 @@ def stream_usage(job: Job, body: p.SamplingFields) -> dict | None:
 
 
 def openapi_with_model(app: FastAPI, model_name: str) -> dict:
-    """The generated schema, stating which model id this server accepts (clients and fuzzers read it)."""
+    """The generated schema, stating which model id this server accepts (clients and fuzzers read it), without
+    FastAPI's 422: a request that fails validation is a 400 here (protocol.invalid)."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                op["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema["components"]["schemas"].pop(name, None)
         for name in ("CompletionRequest", "ChatCompletionRequest"):
             schema["components"]["schemas"][name]["properties"]["model"] |= {"enum": [model_name]}
         for param in schema["paths"]["/v1/models/{model}"]["get"]["parameters"]:

@@ -1,23 +1,28 @@
 """The OpenAI wire format: pydantic request models, response and SSE chunk builders, error objects (which
 one each of the engine's errors becomes, and the app's handlers that turn every error into one).
 
-Only what grok1 can honour is modelled; other fields a client may send are ignored. Ranges follow
-OpenAI's (temperature 0..2, top_p (0, 1], up to 4 stop strings, logprobs 0..5 for completions and
-top_logprobs 0..20 for chat); an out-of-range value is a 400 with the OpenAI error object.
+Only what grok1 can honour is modelled. OpenAI fields that would change the answer but that grok1 does not
+implement (`suffix`, `best_of` other than n, `tools`, `tool_choice`, `functions`, `function_call`, a
+`response_format` other than text, `audio`, `prediction`, `modalities` other than text) are a 400 naming the
+field; other unknown fields are ignored. Ranges follow OpenAI's (temperature 0..2, top_p (0, 1], up to 4 stop
+strings, logprobs 0..5 for completions and top_logprobs 0..20 for chat, logit_bias -100..100 for up to 300
+tokens); an out-of-range value is a 400 with the OpenAI error object. Text anywhere in a request must be
+Unicode text: a lone UTF-16 surrogate (JSON "\ud800" unpaired) is a 400 naming the field.
 Extensions: `top_k` and `ignore_eos`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.exceptions import HTTPException
 
 from grok1.engine.errors import ContextOverflow, EngineError, InvalidRequest, QueueFull, ShuttingDown
@@ -56,6 +61,34 @@ def engine_error(e: EngineError, param: str) -> APIError:
     return APIError(503, str(e), "server_error", code=code)
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_surrogate(data: Any) -> tuple[str, int] | None:
+    """The first string in parsed JSON (keys too) holding a lone surrogate: (its dotted path, the index). A
+    loop, not recursion, so any nesting depth is fine."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            m = SURROGATE.search(value)
+            if m:
+                return path or "body", m.start()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                key = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str) and SURROGATE.search(k):
+                    return path or "body", SURROGATE.search(k).start()
+                stack.append((key, v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def unsupported(field: str, why: str) -> APIError:
+    return APIError(400, f"{field}: {why}", param=field, code="unsupported_parameter")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -78,7 +111,25 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="accepted for compatibility; ignored")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="accepted for compatibility; ignored")
     ignore_eos: bool = Field(False, description="grok1 extension: keep generating after the end-of-sequence token")
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit before sampling, -100..100")
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        found = find_surrogate(data)
+        if found is not None:  # sentencepiece (and UTF-8) cannot encode it
+            path, index = found
+            raise APIError(400, f"{path}: character {index} is a lone UTF-16 surrogate, which is not text; send "
+                           "valid Unicode", param=path, code="invalid_value")
+        return data
+
+    def check_logit_bias(self, vocab_size: int) -> None:
+        for key in self.logit_bias or {}:
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise APIError(400, f"logit_bias: {key[:20]!r} is not a token id (0..{vocab_size - 1})",
+                               param="logit_bias", code="invalid_value")
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -86,14 +137,31 @@ class SamplingFields(BaseModel):
     def sampling_params(self, max_tokens: int, stop: tuple[str, ...], j: int) -> SamplingParams:
         """Choice j's sampling parameters (choice j of n gets its own seed)."""
         seed = None if self.seed is None else (self.seed + j) % 2**63
+        bias = tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
-                              max_new_tokens=max_tokens, stop=stop, ignore_eos=self.ignore_eos)
+                              max_new_tokens=max_tokens, stop=stop, ignore_eos=self.ignore_eos, logit_bias=bias)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[TokenId] | Annotated[list[str], Field(min_length=1)] | \
         Annotated[list[list[TokenId]], Field(min_length=1)]
     logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives per token")
+    suffix: str | None = Field(None, description="not supported (Grok-1 is not trained to fill in): a 400 unless "
+                               "null or empty")
+    best_of: int | None = Field(None, ge=1, description="only null or equal to n: the server returns every choice")
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.suffix:
+            raise unsupported("suffix", "not supported: this model only continues text (send null or leave it out)")
+        if self.best_of is not None and self.best_of != self.n:
+            raise unsupported("best_of", f"only best_of = n ({self.n}) is supported: every generated choice is "
+                              "returned")
+        return self
+
+    def many_prompts(self) -> bool:
+        """Whether `prompt` is a list of prompts (texts or token-id lists) rather than one."""
+        return isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], int)
 
     def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
         """The four shapes of `prompt` (text, token ids, a list of texts, a list of token-id lists) as token ids."""
@@ -127,11 +195,40 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = Field(None, description="only {\"type\": \"text\"}: JSON modes are "
+                                                   "not supported (a 400)")
+    tools: list[Any] | None = Field(None, description="not supported: a 400 unless null or empty")
+    tool_choice: Any = Field(None, description="only null or \"none\"")
+    functions: list[Any] | None = Field(None, description="not supported: a 400 unless null or empty")
+    function_call: Any = Field(None, description="only null or \"none\"")
+    audio: Any = Field(None, description="not supported: a 400 unless null")
+    prediction: Any = Field(None, description="not supported: a 400 unless null")
+    modalities: list[str] | None = Field(None, description="only [\"text\"]")
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        no_tools = "tool and function calling is not supported by this server"
+        checks = [("response_format", self.response_format is None or self.response_format.type == "text",
+                   "only {\"type\": \"text\"} is supported (no JSON mode)"),
+                  ("tools", not self.tools, no_tools), ("functions", not self.functions, no_tools),
+                  ("tool_choice", self.tool_choice in (None, "none"), no_tools),
+                  ("function_call", self.function_call in (None, "none"), no_tools),
+                  ("audio", self.audio is None, "audio output is not supported"),
+                  ("prediction", self.prediction is None, "predicted outputs are not supported"),
+                  ("modalities", self.modalities in (None, ["text"]), "only [\"text\"] is supported")]
+        for field, ok, why in checks:
+            if not ok:
+                raise unsupported(field, why)
+        return self
 
 
 # ---- responses ----
@@ -214,6 +311,28 @@ def stream_end(head: dict, error: APIError | None, usage: dict | None) -> Iterat
 
 
 # ---- errors: every one an OpenAI error object ----
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid request: malformed JSON, a value out of range, an "
+          "unsupported field, a prompt that does not fit the context"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "request body larger than the server accepts"},
+    429: {"model": ErrorResponse, "description": "too many requests are waiting; retry later"},
+    503: {"model": ErrorResponse, "description": "the engine is shutting down or not running"},
+}
+
 
 def add_error_handlers(app: FastAPI) -> None:
     """Answer every error with an OpenAI error object: ours, a request that fails validation, FastAPI's own

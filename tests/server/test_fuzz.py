@@ -25,7 +25,7 @@ def test_no_server_errors_for_any_generated_request(golden_model, tok, tmp_path)
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
         assert httpx.get(url + "/health").json()["status"] == "ok"
-        metrics = httpx.get(url + "/metrics").text
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"}).text
         for endpoint in ("/v1/completions", "/v1/chat/completions"):  # the fuzzer got past validation too
             assert f'grok1_requests_total{{endpoint="{endpoint}",status="200"}}' in metrics, metrics
         assert 'status="5' not in metrics, metrics

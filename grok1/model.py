@@ -269,7 +269,11 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_seq_len: int) -> KVCache:
         cfg, emb = self.config, self.tok_embeddings
-        return KVCache(cfg.n_layers, batch, max_seq_len, cfg.n_kv_heads, cfg.head_dim, emb.dtype, self.norm.weight.device)
+        # The KV heads this model's attention holds: all of them, or a tensor-parallel rank's share of wqkv.
+        att = self.layers[0].attention
+        rows = getattr(att.wqkv, "out_features", (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+        n_kv_heads = rows // (cfg.head_dim * (att.group + 2))
+        return KVCache(cfg.n_layers, batch, max_seq_len, n_kv_heads, cfg.head_dim, emb.dtype, self.norm.weight.device)
 
     def forward(self, tokens: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,
                 logits_at: Tensor | None = None, hidden: list[Tensor] | None = None,

@@ -345,9 +345,10 @@ class PackedEmbedding(nn.Module):
 
 def is_packed(model: Transformer) -> bool:
     """Whether every matrix the kernel multiplies is in panels: then no batch size changes a row's arithmetic."""
-    return isinstance(model.tok_embeddings, PackedEmbedding) and all(
+    unpacked = (TiedEmbedding, QEmbedding, Experts, QExperts)  # anywhere, e.g. inside a parallel wrapper
+    return not any(isinstance(m, unpacked) for m in model.modules()) and all(
         isinstance(layer.attention.wqkv, PackedLinear) and isinstance(layer.attention.wo, PackedLinear)
-        and isinstance(layer.moe.experts, PackedExperts) for layer in model.layers)
+        for layer in model.layers)
 
 
 def _packable(weight: Tensor) -> bool:
@@ -373,11 +374,15 @@ def pack_model(model: Transformer, release: Callable[[Tensor], None] | None = No
             lin = getattr(att, name)
             if isinstance(lin, (QLinear, nn.Linear)) and _packable(lin.weight):
                 setattr(att, name, PackedLinear(*panels(lin.weight, getattr(lin, "scales", None)), lin.weight.shape[0]))
-        ex = layer.moe.experts
-        if isinstance(ex, (QExperts, Experts)) and _packable(ex.w1):
-            layer.moe.experts = PackedExperts(*(panels(getattr(ex, f"w{i}"), getattr(ex, f"s{i}", None)) for i in "123"))
-    if isinstance(emb, TiedEmbedding) or (isinstance(emb, QEmbedding) and _packable(emb.weight)):
-        model.tok_embeddings = PackedEmbedding(*panels(emb.weight, getattr(emb, "scales", None)), model.config.vocab_size)
+    # Experts and the table wherever they sit: a parallel wrapper (grok1/parallel) may hold a rank's share.
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (QExperts, Experts)) and _packable(child.w1):
+                setattr(parent, name, PackedExperts(*(panels(getattr(child, f"w{i}"), getattr(child, f"s{i}", None))
+                                                      for i in "123")))
+            elif isinstance(child, TiedEmbedding) or (isinstance(child, QEmbedding) and _packable(child.weight)):
+                setattr(parent, name, PackedEmbedding(*panels(child.weight, getattr(child, "scales", None)),
+                                                      child.weight.shape[0]))
     if is_packed(model):
         # What stays is small (norms, router): copy it too, so that nothing holds on to a memory-mapped
         # checkpoint any more and its pages leave the process: the weights are in memory once, not twice.

@@ -8,6 +8,7 @@ one tensor in flight.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 from grok1.config import ModelConfig, from_name
 from grok1.kernels import compile_model
 from grok1.model import Transformer
+from grok1.parallel.dist import Mesh, connect, plans, shard
+from grok1.parallel.tp import matrix_format, take, weight_name
 from grok1.quant import QEmbedding, pack_model, swap_to_int8
 from grok1.weights import legacy, names
 from grok1.weights import safetensors as st
@@ -86,6 +89,36 @@ def legacy_tensors(ckpt_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tens
             del pending[weight_name]
 
 
+def sliced_tensors(checkpoint: Path, cfg: ModelConfig, mesh: Mesh) -> Iterator[tuple[str, Tensor]]:
+    """(name, this rank's slice) of every tensor of a grok1 checkpoint, reading only the slice's bytes
+    (pread, no mapping): a contiguous run per leading index (`safetensors.read_slice`). Where a tensor is
+    split on two axes (experts x tensor-parallel) the expert range is read and the rest sliced in memory."""
+    index = json.loads((checkpoint / st.INDEX).read_text())["weight_map"]
+    headers = {shard_file: st.read_header(checkpoint / shard_file)[0] for shard_file in set(index.values())}
+    info = {name: headers[shard_file][name] for name, shard_file in index.items()}
+    for name, meta in info.items():
+        fmt = matrix_format(torch.empty(0, dtype=st._DTYPES[info.get(weight_name(name), meta)["dtype"]]))
+        todo = plans(name, tuple(meta["shape"]), fmt, cfg, mesh)
+        if not todo:
+            yield name, st.read_tensor(checkpoint, name)
+            continue
+        axis, ranges = todo[0]
+        parts = [st.read_slice(checkpoint, name, axis, a, b) for a, b in ranges]
+        t = torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
+        for plan in todo[1:]:
+            t = take(t, plan)
+        yield name, t
+
+
+def sliced_release(tensors: Iterator[tuple[str, Tensor]], cfg: ModelConfig, mesh: Mesh) -> Iterator[tuple[str, Tensor]]:
+    """The release's whole tensors, one in flight, each cut to this rank's slice (a copy) before the next."""
+    for name, t in tensors:
+        for plan in plans(name, tuple(t.shape), "int8" if t.dtype in (torch.int8, torch.bfloat16) else "fp32",
+                          cfg, mesh):
+            t = take(t, plan)
+        yield name, t
+
+
 _SCALES = {"scales", "s1", "s2", "s3"}
 
 
@@ -113,35 +146,46 @@ def _assign(model: nn.Module, name: str, tensor: Tensor, dtype: torch.dtype) -> 
 
 
 def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None, pack: bool = False) -> Transformer:
+               dtype: torch.dtype | None = None, pack: bool = False, mesh: Mesh | None = None) -> Transformer:
     """Load a checkpoint (grok1 safetensors or the release's ckpt-0) into an eval-mode Transformer
     computing in `dtype` on `device`. int8 weights stay int8; attention runs the compiled kernel where it
     applies (kernels.CompiledAttention). pack=True: for inference, the matrices in the kernel's panels
-    (quant.pack_model), each memory-mapped original dropped once copied."""
+    (quant.pack_model), each memory-mapped original dropped once copied. mesh: this rank's part of a
+    tensor/expert-parallel model (grok1/parallel), reading only its slices, with its collectives."""
     dtype = dtype or default_dtype(device)
     stored_table = False
     if st.is_checkpoint(checkpoint):
         _, kind = st.read_config(checkpoint)
-        mapped = st.open_checkpoint(checkpoint)
+        if mesh is None:
+            mapped = st.open_checkpoint(checkpoint)
+            tensors: Iterator[tuple[str, Tensor]] = iter(mapped.items())
+        else:
+            mapped = json.loads((Path(checkpoint) / st.INDEX).read_text())["weight_map"]
+            tensors = sliced_tensors(Path(checkpoint), cfg, mesh)
         stored_table = "tok_embeddings.scales" in mapped  # an int8 / bf16 table (QEmbedding)
-        tensors: Iterator[tuple[str, Tensor]] = iter(mapped.items())
     else:
         ckpt_dir = find_legacy_dir(checkpoint)
         if ckpt_dir is None:
             raise CheckpointError(f"{checkpoint}: not a Grok-1 checkpoint directory (expected {st.INDEX} "
                                   "or the release's ckpt-0/tensor00000_000)")
         kind, tensors = "int8", legacy_tensors(ckpt_dir, cfg)
+        if mesh is not None:
+            tensors = sliced_release(tensors, cfg, mesh)
     with torch.device("meta"):
         model = Transformer(cfg)
     if kind != "float32":  # stored-format matrices: the modules take whatever format is assigned
         swap_to_int8(model)
     if stored_table:
         model.tok_embeddings = QEmbedding(cfg.vocab_size, cfg.dim, dtype, "meta")
+    if mesh is not None:
+        shard(model, mesh)  # meta: the placeholders take the slices' shapes
     for name, tensor in tensors:
         _assign(model, name, tensor.to(device), dtype)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
+    if mesh is not None:
+        connect(model, mesh)
     model = compile_model(model.eval())
     return pack_model(model, release=st.release_pages) if pack else model
 

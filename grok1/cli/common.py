@@ -9,6 +9,7 @@ import torch
 
 from grok1.config import ModelConfig
 from grok1.model import Transformer
+from grok1.parallel.dist import Mesh
 from grok1.tokenizer import Tokenizer
 from grok1.weights.load import load_model, resolve_config
 
@@ -23,12 +24,15 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
     return resolve_config(args.checkpoint, args.config, args.preset)
 
 
-def model_from_args(args: argparse.Namespace, cfg: ModelConfig) -> Transformer:
+def model_from_args(args: argparse.Namespace, cfg: ModelConfig, mesh: Mesh | None = None) -> Transformer:
+    if mesh is None and args.tp * args.ep > 1:
+        raise ValueError(f"--tp {args.tp} --ep {args.ep}: `grok1 {args.command}` runs in one process; "
+                         f"generate and score run under torchrun")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available in this torch build")
     # Inference only (generate, chat, serve, score, check): the kernel's weight layout where it runs.
-    return load_model(args.checkpoint, cfg, args.device, dtype, pack=not getattr(args, "no_pack", False))
+    return load_model(args.checkpoint, cfg, args.device, dtype, pack=not getattr(args, "no_pack", False), mesh=mesh)
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 
+from grok1.cli import ranks
 from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
 from grok1.engine.generate import generate_stream
+from grok1.config import ModelConfig
 from grok1.engine.sampling import SamplingParams
+from grok1.tokenizer import Tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -36,11 +39,21 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 def run(args: argparse.Namespace) -> int:
     if args.stream and len(args.prompts) > 1:
         raise ValueError("--stream takes a single prompt")
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
-    model = model_from_args(args, cfg)
+    job = ranks.join(args, cfg)
+    with ranks.rank0_output(job):
+        _generate(args, cfg, tokenizer, job)
+    if job is not None:
+        job.leave()
+    return 0
+
+
+def _generate(args: argparse.Namespace, cfg: ModelConfig, tokenizer: Tokenizer, job: ranks.Job | None) -> None:
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=ranks.common_seed(job, args.seed), max_new_tokens=args.max_new_tokens,
+                            stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    model = model_from_args(args, cfg, job.mesh if job else None)
     prompts = [tokenizer.encode(p, bos=args.bos) for p in args.prompts]
     completions = {}
     for row, _, new_text, completion in generate_stream(model, prompts, [params] * len(prompts), tokenizer):
@@ -50,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     if args.stream:
         print()
-        return 0
+        return
     for i, prompt in enumerate(args.prompts):
         c = completions[i]
         if args.json:
@@ -58,4 +71,3 @@ def run(args: argparse.Namespace) -> int:
                               "text": c.text, "finish_reason": c.finish_reason}))
         else:
             print(prompt + c.text)
-    return 0

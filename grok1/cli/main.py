@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grok1.cli import chat, check, convert, generate, info, plan, score, serve, train
+import torch.distributed as dist
+
+from grok1.cli import chat, check, convert, generate, info, plan, ranks, score, serve, train
 from grok1.cli.common import DEFAULT_CHECKPOINT
 
 
@@ -30,6 +32,7 @@ def model_options() -> argparse.ArgumentParser:
                    help="generate/chat/serve/score/check on CPU: keep the int8 and fp32 matrices memory-mapped in the "
                         "checkpoint's row-major layout instead of copying them at load (~1 s per GB) into the "
                         "compiled kernel's panels (with panels: decoding 1.7-2.5x and prefill ~2x faster)")
+    ranks.add_options(p)
     return p
 
 
@@ -52,3 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not dist.is_initialized():
+            raise
+        ranks.exit_on_failure(e, args.heartbeat_timeout)  # one rank of a job: name the failure, never hang
+        raise

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from grok1.cli import ranks
 from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
 from grok1.engine.generate import score
+from grok1.model import Transformer
+from grok1.tokenizer import Tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -25,7 +28,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
-    model = model_from_args(args, cfg)
+    job = ranks.join(args, cfg)
+    model = model_from_args(args, cfg, job.mesh if job else None)
+    with ranks.rank0_output(job):
+        _score(args, model, tokenizer)
+    if job is not None:
+        job.leave()
+    return 0
+
+
+def _score(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer) -> None:
     for text in args.texts:
         ids = tokenizer.encode(text, bos=args.bos)
         result = score(model, ids, args.top)
@@ -34,4 +46,3 @@ def run(args: argparse.Namespace) -> int:
         else:
             n = len(result["token_logprobs"])
             print(f"{result['total_logprob']:.4f} logprob over {n} tokens, perplexity {result['perplexity']:.3f}: {text}")
-    return 0

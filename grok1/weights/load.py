@@ -190,6 +190,15 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
     return pack_model(model, release=st.release_pages) if pack else model
 
 
+def checkpoint_identity(path: Path) -> dict:
+    """What tells checkpoints apart cheaply (no tensor read): the grok1 index (names, shards, sizes, CRC-32s),
+    or the release files' names and sizes."""
+    if st.is_checkpoint(path):
+        return json.loads((path / st.INDEX).read_text())
+    root = find_legacy_dir(path)
+    return {f.name: f.stat().st_size for f in sorted(root.glob("tensor*"))} if root else {}
+
+
 def weight_kind(model: Transformer) -> str:
     """How the model's matrices are stored: "int8", "int4", "bfloat16" or "float32"."""
     w = model.layers[0].attention.wqkv.weight

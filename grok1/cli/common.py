@@ -11,17 +11,101 @@ from grok1.config import ModelConfig
 from grok1.model import Transformer
 from grok1.parallel.dist import Mesh
 from grok1.tokenizer import Tokenizer
+from grok1.weights import safetensors as st
 from grok1.weights.load import load_model, resolve_config
 
 # The bundled demo model (package data): what every --checkpoint option means when it is omitted.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "grok-1-mini"
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
-def config_from_args(args: argparse.Namespace) -> ModelConfig:
-    """Check the checkpoint exists and find its config (cheap: call before anything slow)."""
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, unless the help already says it or there is nothing to
+    say (flags, options without a default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, argparse.SUPPRESS)
+                or isinstance(action.default, bool)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of every --seed: an integer in 0..2**64-1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{seed} is outside 0..2**64-1 (64 bits)")
+    return seed
+
+
+def device_arg(text: str) -> str:
+    """argparse type of every --device: a torch device this machine has (cpu, cuda, cuda:1, mps, ...)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available in this torch build or machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: grok1 runs on cpu, cuda or mps")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def check_sampling(args: argparse.Namespace, max_tokens_flag: str = "--max-new-tokens") -> None:
+    """Check the sampling options a command has, naming each by its flag (not by SamplingParams' fields)."""
+    checks = [("temperature", "--temperature", lambda v: 0 <= v < float("inf"), "a finite number >= 0 (0 = greedy)"),
+              ("top_p", "--top-p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+              ("top_k", "--top-k", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+              (max_tokens_flag.lstrip("-").replace("-", "_"), max_tokens_flag, lambda v: v is None or v >= 1,
+               "at least 1")]
+    for attr, flag, ok, valid in checks:
+        if hasattr(args, attr) and not ok(getattr(args, attr)):
+            raise ValueError(f"{flag} {getattr(args, attr)} is invalid: must be {valid}")
+
+
+def config_from_args(args: argparse.Namespace, checkpoint: bool = True) -> ModelConfig:
+    """Check the checkpoint exists and find its config (cheap: call before anything slow). An omitted
+    --checkpoint becomes the bundled demo model (unless `checkpoint` is False: the config alone is wanted).
+    --preset/--config name the config of a release checkpoint; a checkpoint that carries its own config.json
+    (grok1's format) must agree with them."""
+    if not checkpoint:
+        return resolve_config(None, args.config, args.preset)
+    if args.checkpoint is None:
+        args.checkpoint = str(DEFAULT_CHECKPOINT)
     if not Path(args.checkpoint).exists():
         raise ValueError(f"checkpoint directory {args.checkpoint} does not exist")
-    return resolve_config(args.checkpoint, args.config, args.preset)
+    cfg = resolve_config(args.checkpoint, args.config, args.preset)
+    own_config = Path(args.checkpoint) / "config.json"
+    if (args.config or args.preset) and st.is_checkpoint(args.checkpoint) and own_config.is_file():
+        own = resolve_config(args.checkpoint)
+        if own != cfg:
+            diff = [f"{k} {getattr(own, k)} vs {getattr(cfg, k)}" for k in own.to_dict()
+                    if getattr(own, k) != getattr(cfg, k)]
+            flag = f"--preset {args.preset}" if args.preset else f"--config {args.config}"
+            raise ValueError(f"checkpoint {args.checkpoint} carries its own config.json, and {flag} describes a "
+                             f"different model ({', '.join(diff[:4])}); leave {flag.split()[0]} out")
+    return cfg
 
 
 def model_from_args(args: argparse.Namespace, cfg: ModelConfig, mesh: Mesh | None = None) -> Transformer:
@@ -29,8 +113,6 @@ def model_from_args(args: argparse.Namespace, cfg: ModelConfig, mesh: Mesh | Non
         raise ValueError(f"--tp {args.tp} --ep {args.ep}: `grok1 {args.command}` runs in one process; "
                          f"generate and score run under torchrun")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available in this torch build")
     # Inference only (generate, chat, serve, score, check): the kernel's weight layout where it runs.
     return load_model(args.checkpoint, cfg, args.device, dtype, pack=not getattr(args, "no_pack", False), mesh=mesh)
 

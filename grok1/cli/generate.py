@@ -7,7 +7,7 @@ import json
 import sys
 
 from grok1.cli import ranks
-from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
+from grok1.cli.common import check_sampling, config_from_args, model_from_args, seed_arg, tokenizer_from_args
 from grok1.engine.generate import generate_stream
 from grok1.config import ModelConfig
 from grok1.engine.sampling import SamplingParams
@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="nucleus sampling with the reference's semantics; 1 = off (default)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 = off (default)")
-    p.add_argument("--seed", type=int, metavar="S", help="random seed for reproducible sampling")
+    p.add_argument("--seed", type=seed_arg, metavar="S", help="random seed for reproducible sampling (0..2**64-1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (not included in the output); repeatable")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sampling(args)
     if args.stream and len(args.prompts) > 1:
         raise ValueError("--stream takes a single prompt")
     cfg = config_from_args(args)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
+from grok1.cli.common import config_from_args, model_from_args, positive_int, tokenizer_from_args
 from grok1.config import ModelConfig
 from grok1.engine.engine import Engine, EngineConfig
 from grok1.engine.process import EngineProcess, pin_process
@@ -25,7 +26,7 @@ SMALL_MODEL_BYTES = 64 << 20
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """Engine knobs shared by `serve` and `chat`."""
     g = p.add_argument_group("engine")
-    g.add_argument("--max-batch", type=int, default=16, metavar="N",
+    g.add_argument("--max-batch", type=positive_int, default=16, metavar="N",
                    help="requests decoded together (KV-cache rows; default: serve 16, chat 1)")
     g.add_argument("--max-seq-len", type=int, default=2048, metavar="N",
                    help="tokens per request, prompt plus completion (default 2048, at most the model's context)")
@@ -78,12 +79,36 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
     return Engine(model, tokenizer, config)
 
 
+def port_arg(text: str) -> int:
+    """argparse type of --port: 0 (any free port) or 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0..65535; 0 = any free port)")
+    return port
+
+
+def check_listen(host: str, port: int) -> int:
+    """Bind host:port as the server will (before the model loads, which may take minutes), then let it go.
+    Returns the port: for 0, a free one the server then uses, so the address it prints is the real one."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind((host, port))
+            return s.getsockname()[1]
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible API and a chat page",
                        description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics "
                                    "and a browser chat page at /, with continuous batching.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    p.add_argument("--port", type=port_arg, default=8000, help="port to listen on (default 8000; 0 = any free port)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", metavar="KEY",
                      help="require 'Authorization: Bearer KEY' on everything but /health and the chat page (/); "
@@ -96,7 +121,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="refuse request bodies larger than N bytes with HTTP 413 (default 4194304 = 4 MiB)")
     p.add_argument("--model-name", metavar="NAME",
                    help="the model id clients ask for (default: the checkpoint directory's name)")
-    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+    p.add_argument("--max-queue", type=positive_int, default=256, metavar="N",
                    help="waiting requests beyond which new ones get HTTP 429 (default 256)")
     p.add_argument("--engine-thread", action="store_true",
                    help="run the engine on a thread of the server process instead of in its own process (the "
@@ -140,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     if key is None and not is_loopback(args.host):
         print(f"grok1 serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               "address can use the model (set GROK1_API_KEY or --api-key-file)", file=sys.stderr, flush=True)
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    args.port = check_listen(args.host, args.port)  # a bad address or a port in use: said before loading
     cfg = config_from_args(args)  # fail fast on a bad checkpoint path or config, before starting anything
     tokenizer = tokenizer_from_args(args)
     if args.engine_thread:

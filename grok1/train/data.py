@@ -10,6 +10,7 @@ that epoch): with the seed, that is all a resumed run needs to continue with the
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -24,6 +25,25 @@ from torch import Tensor
 
 from grok1.tokenizer import Tokenizer
 from grok1.weights.safetensors import write_atomic
+
+
+def check_utf8(file: str | Path) -> None:
+    """Raise ValueError naming the file and the byte offset of the first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file before `block`
+    with open(file, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            pending = decoder.getstate()[0]  # an unfinished character carried over from the previous block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                data = pending + block
+                raise ValueError(f"{file} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset "
+                                 f"{offset - len(pending) + e.start}") from None
+            if not block:
+                return
+            offset += len(block)
 
 
 def _text_chunks(file: Path, chunk_chars: int) -> Iterator[str]:
@@ -63,6 +83,8 @@ def tokenize_files(files: Sequence[str | Path], tokenizer: Tokenizer, out: str |
     whatever the corpus size. Written to a temporary name and renamed when complete."""
     from tqdm import tqdm
 
+    for file in files:
+        check_utf8(file)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype = _token_dtype(tokenizer.vocab_size)

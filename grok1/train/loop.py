@@ -90,9 +90,14 @@ def heldout_loss(model: Transformer, data: TokenData, batch_size: int, max_seque
     return total / n if n else float("nan")
 
 
+def json_safe(record: dict) -> dict:
+    """The record with non-finite numbers (a diverged loss) as None: JSON has no NaN or Infinity."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 def _append_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -188,7 +193,7 @@ def train(model: Transformer, data: TokenData, cfg: TrainConfig, run_dir: str | 
                                 load=f"{load_LE.min().item():.2f}-{load_LE.max().item():.2f}" if load_LE.numel() else "-")
                 window = {"loss": 0.0, "aux": 0.0, "z": 0.0, "tokens": 0, "time": 0.0, "steps": 0, "load": None}
                 _append_log(log, record)
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if (step % cfg.eval_every == 0 or step == cfg.max_steps) and len(data.heldout):  # none held out: no eval
                 final = step == cfg.max_steps
                 model.eval()
                 tap.clear()

@@ -20,6 +20,7 @@ merged into it (`merge_lora`), after which the model is a plain model again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,6 +180,34 @@ def save_adapters(model: Transformer, out_dir: str | Path) -> Path:
     meta = model.lora_settings | {"base_config": model.config.to_dict()}
     write_atomic(out / "adapter.json", (json.dumps(meta, indent=2) + "\n").encode())
     return out
+
+
+def fingerprint(model: Transformer) -> str:
+    """A short digest of a base model's weights (the first values of every tensor, as stored): tells two
+    bases of the same shapes apart without reading all of either."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().reshape(-1)[:64].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base_config(meta: dict, cfg: ModelConfig, adapter: str | Path, base: str | Path) -> None:
+    """The base must have the architecture the adapters were trained on (adapter.json's base_config)."""
+    want = meta.get("base_config")
+    if want is not None and ModelConfig.from_dict(want, source=str(adapter)) != cfg:
+        got = cfg.to_dict()
+        diff = [f"{k} {want[k]} vs {got[k]}" for k in got if k in want and want[k] != got[k]]
+        raise ValueError(f"the adapters in {adapter} were trained on another architecture than {base} "
+                         f"({', '.join(diff[:4]) or 'config differs'})")
+
+
+def check_base_weights(meta: dict, model: Transformer, adapter: str | Path, base: str | Path, force: bool) -> None:
+    """The base must be the checkpoint the adapters were trained on (adapter.json's base fingerprint)."""
+    want = meta.get("base", {})
+    if "fingerprint" in want and want["fingerprint"] != fingerprint(model) and not force:
+        raise ValueError(f"the adapters in {adapter} were trained on {want.get('checkpoint', 'another base')}, "
+                         f"whose weights differ from {base}'s; pass that --checkpoint (or --force to merge anyway)")
 
 
 def read_adapter_settings(path: str | Path) -> dict:

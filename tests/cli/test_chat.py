@@ -160,3 +160,133 @@ def test_shutdown_timeout_cancels_streams_that_run_on(model_args):
     assert events[-1] == "data: [DONE]" and "shutting down" in events[-2], events[-3:]  # ended, not cut off
     assert len(events) < 1000 and "Traceback" not in logs.text, logs.text[-3000:]
     assert "Application shutdown complete" in logs.text
+
+
+def fake_reply(context_words):
+    """A stand-in model whose context holds `context_words` words of prompt plus answer: it answers 'ok N' (N =
+    messages it saw), refuses like the engine when the conversation does not fit, and fails on 'boom'."""
+    from grok1.cli.chat import ContextFull
+
+    def reply(messages, settings):
+        words = sum(len(m["content"].split()) for m in messages)
+        if words + settings["max_tokens"] > context_words:
+            raise ContextFull(f"{words} words do not fit")
+        if messages[-1]["content"] == "boom":
+            raise ValueError("the server went away")
+        return iter(["", "ok", f" {len(messages)}"])
+
+    return reply
+
+
+def run_loop(monkeypatch, capsys, lines, reply, max_tokens=2, system=None):
+    import io
+
+    from grok1.cli.chat import chat_loop
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    assert chat_loop(reply, {"max_tokens": max_tokens}, system) == 0
+    return capsys.readouterr().out
+
+
+def test_full_context_drops_the_oldest_turns_and_failures_leave_no_trace(monkeypatch, capsys, tmp_path):
+    saved = tmp_path / "chat.json"
+    lines = ["one two three", "four five six", "boom", "seven eight nine", "a b c d e f g h i j k l m n",
+             f"/save {saved}", f"/save {tmp_path / 'no' / 'such' / 'dir.json'}", "after the bad path"]
+    out = run_loop(monkeypatch, capsys, lines, fake_reply(context_words=12))
+    # turn 1 sees 1 message; turn 2: 3; "boom" fails and leaves nothing; turn 3 needs room: the oldest turn goes.
+    assert out.count("grok> ok") == 4 and "grok> ok 1" in out and "grok> ok 3" in out
+    assert "[error: the server went away]" in out
+    assert "dropped the oldest turn" in out
+    # 14 words never fit beside a 2-token answer in 12: refused, and not kept.
+    assert "[error: 14 words do not fit]" in out
+    assert "could not save to" in out and "No such file or directory" in out  # a bad path is one line
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["content"] for m in messages] == ["one two three", "ok 1", "four five six", "ok 3",
+                                                "seven eight nine", "ok 3"]
+    assert out.endswith("grok> ok 3\nyou> \n")  # the chat went on after the bad path, and the failed turns
+
+
+def test_empty_answers_are_not_kept(monkeypatch, capsys, tmp_path):
+    saved = tmp_path / "chat.json"
+    out = run_loop(monkeypatch, capsys, ["Hi", f"/save {saved}"], lambda m, s: iter(["", " "]))
+    assert "(no answer) (not kept" in out
+    assert json.loads(saved.read_text())["messages"] == []
+
+
+def test_default_answer_length_leaves_room():
+    from grok1.cli.chat import answer_tokens
+
+    assert answer_tokens(None, 256) == 64 and answer_tokens(None, 8192) == 512 and answer_tokens(100, 256) == 100
+    with pytest.raises(ValueError, match="--max-tokens 300 leaves no room .* 256-token context"):
+        answer_tokens(300, 256)
+
+
+def test_non_utf8_input_is_refused_with_its_offset(model_args):
+    run = subprocess.run([sys.executable, "-m", "grok1", "chat", *model_args, "--temperature", "0",
+                          "--max-tokens", "4", "--max-seq-len", "128"], input=b"caf\xe9 au lait\nHi\n",
+                         capture_output=True, timeout=300, check=False)
+    out = run.stdout.decode()
+    assert run.returncode == 0 and "Traceback" not in run.stderr.decode(), run.stderr.decode()
+    assert "not valid UTF-8: byte 0xe9 at offset 3" in out and out.count("grok> ") == 1
+
+
+def test_ten_turns_in_a_terminal_with_line_editing_and_history(tmp_path):
+    """A user at a real terminal (a pseudo-terminal): ten turns with the bundled demo model (256-token context,
+    so old turns must be dropped), arrow keys edit the line, the up arrow recalls the previous one."""
+    import os
+    import pty
+    import select
+
+    saved = tmp_path / "chat.json"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `grok1 chat` on the terminal
+        os.environ["HOME"] = str(tmp_path)  # the input history file goes here
+        os.execv(sys.executable, [sys.executable, "-m", "grok1", "chat", "--temperature", "0", "--seed", "0"])
+    text = b""
+
+    def wait_for(done, timeout=120.0):
+        nonlocal text
+        deadline = time.monotonic() + timeout
+        while not done(text):
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"timed out; terminal so far:\n{text[-3000:].decode()}")
+            try:
+                text += os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                raise AssertionError(f"chat exited; terminal:\n{text[-3000:].decode()}") from None
+
+    def ask(keys):
+        prompts = text.count(b"you> ")
+        os.write(fd, keys)
+        wait_for(lambda t: t.count(b"you> ") > prompts and t.endswith(b"you> "))
+
+    try:
+        wait_for(lambda t: t.endswith(b"you> "))
+        questions = ["Who is Mr Darcy?", "And Elizabeth?", "Where do they live?", "Is he rich?", "Tell me more.",
+                     "What happens at the ball?", "Who is Jane?", "Does she marry?", "What about Lydia?"]
+        for q in questions:
+            ask(q.encode() + b"\r")
+        # Turn ten, typed with a mistake and fixed with the arrow keys: "Thank yu" <- <- "o" -> -> "!".
+        ask(b"Thank yu\x1b[D\x1b[Do\x1b[C\x1b[C!\r")
+        # The up arrow recalls the last line; Ctrl-U clears it again; then save.
+        os.write(fd, b"\x1b[A")
+        wait_for(lambda t: t.rstrip().endswith(b"Thank you!"))
+        ask(b"\x15" + f"/save {saved}\r".encode())
+        os.write(fd, b"\x04")  # Ctrl-D
+        _, status = os.waitpid(pid, 0)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
+    screen = text.decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, screen[-3000:]
+    assert "[error" not in screen and "Traceback" not in screen and "^[[" not in screen, screen[-3000:]
+    assert screen.count("grok> ") == 10
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users == questions + ["Thank you!"]
+    assert "dropped the oldest turn" in screen  # ten turns do not fit in 256 tokens
+    history = (tmp_path / ".grok1_history").read_text()
+    assert "Thank you!" in history and f"/save {saved}" in history

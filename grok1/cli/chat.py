@@ -289,6 +289,8 @@ def partial_remote(url: str, api_key: str | None) -> tuple[Reply, int]:
         raise http_error(e, url) from None
     except urllib.error.URLError as e:
         raise ValueError(f"cannot reach {url}: {e.reason} (is `grok1 serve` running there?)") from None
+    except TimeoutError:
+        raise ValueError(f"{url} did not answer within 30 s") from None
     except (ValueError, KeyError, IndexError):
         raise ValueError(f"{url}/v1/models did not answer like a grok1 or OpenAI server") from None
 

@@ -29,10 +29,18 @@ class LayerDiff:
 
 def load_golden(path: str | Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read golden file {path}: {e}") from None
+        data = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise ValueError(f"cannot read golden file {path}: {e.strerror or e}") from None
+    except Exception:  # noqa: BLE001  numpy's many ways of not understanding a file (ValueError, BadZipFile, ...)
+        raise ValueError(f"{path} is not a golden .npz file (numpy cannot read it)") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not a golden .npz file (it holds a single array, not named arrays)")
+    try:
+        with data:
+            return {k: data[k] for k in data.files}
+    except Exception:  # noqa: BLE001  a damaged member
+        raise ValueError(f"{path} is not a golden .npz file (a member cannot be read)") from None
 
 
 @torch.no_grad()

@@ -57,10 +57,71 @@ def test_info(model_args, capsys):
     assert f"{cfg.num_params():,} total" in out and "KV cache" in out
 
 
-def test_info_grok1_counts(golden_dir, capsys):
-    # GROK1.md: 315,684,820,992 parameters in the release.
-    assert main(["info", "--checkpoint", str(golden_dir), "--preset", "grok-1"]) == 0
-    assert "315,684,820,992 total" in capsys.readouterr().out
+def test_info_grok1_counts(capsys):
+    # GROK1.md: 315,684,820,992 parameters in the release. A preset alone describes that config, and no
+    # checkpoint's disk size (the demo model's used to be reported).
+    assert main(["info", "--preset", "grok-1"]) == 0
+    out = capsys.readouterr().out
+    assert "315,684,820,992 total" in out and "on disk" not in out and "(none: grok-1 alone)" in out
+
+
+def test_info_sizes_are_the_checkpoints_own(golden_dir, model_args, tmp_path, capsys):
+    import torch
+
+    from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.config import PRESETS
+
+    # The demo checkpoint: its weight file only, int8 in memory.
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    shard = next(DEFAULT_CHECKPOINT.glob("*.safetensors")).stat().st_size
+    assert f"on disk         {shard / 1e6:.3f} MB in 1 weight files" in out and "int8 matrices" in out
+    # Its own config.json wins: a --preset that contradicts it is refused, not silently used.
+    assert main(["info", "--checkpoint", str(DEFAULT_CHECKPOINT), "--preset", "tiny"]) == 2
+    assert "carries its own config.json, and --preset tiny describes a different model" in capsys.readouterr().err
+    # A float32 checkpoint needs 4 bytes per parameter; trainer_state.pt and other files are not counted.
+    from grok1.model import Transformer, init_weights
+    from grok1.weights.load import save_model
+
+    cfg = PRESETS["grok-1-mini"]
+    model = Transformer(cfg)
+    init_weights(model, torch.Generator().manual_seed(0))
+    save_model(model, tmp_path / "fp32")
+    (tmp_path / "fp32" / "trainer_state.pt").write_bytes(b"x" * 10_000_000)
+    assert main(["info", "--checkpoint", str(tmp_path / "fp32")]) == 0
+    out = capsys.readouterr().out
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "fp32").glob("*.safetensors"))
+    assert f"on disk         {on_disk / 1e6:.3f} MB" in out
+    assert f"in memory       {cfg.num_params() * 4 / 1e6:.3f} MB (fp32)" in out
+    # A directory that is not a checkpoint is an error, not "0.000 MB".
+    assert main(["info", "--checkpoint", str(golden_dir), "--preset", "grok-1"]) == 2
+    assert "is not a checkpoint" in capsys.readouterr().err
+
+
+def test_presets_version_and_bare_command(capsys):
+    from grok1 import __version__
+    from grok1.config import PRESETS
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS) and "315,684,820,992" in out
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "chat" in out and "presets" in out and "convert" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"grok1 {__version__}"
+    run = subprocess.run([sys.executable, "-m", "grok1"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "COMMAND" in run.stdout and not run.stderr
+
+
+def test_train_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: True)" not in out and "(default: None)" not in out
+    assert "optimizer steps (default: 1000)" in out
+    assert "default" not in out.split("--no-progress")[1].split("--")[0]
 
 
 def test_check_passes_on_golden_and_finds_a_broken_layer(golden_dir, model_args, tmp_path, capsys):
@@ -97,12 +158,98 @@ def test_user_mistakes_are_one_line(argv, message, capsys):
 
 def test_bad_sampling_value_is_one_line(model_args):
     proc = subprocess.run(["grok1", "generate", *model_args, "hi", "--temperature", "-1"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2
-    assert "temperature" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--temperature -1.0 is invalid" in proc.stderr and "Traceback" not in proc.stderr
+    assert "SamplingParams" not in proc.stderr  # the flag the user typed, not an internal field
 
 
-@pytest.mark.parametrize("command", ["generate", "score", "info", "check"])
+@pytest.mark.parametrize("command", ["generate", "score", "check", "serve", "chat", "info"])
+def test_unknown_device_is_one_line_on_every_command(command, capsys):
+    extra = {"generate": ["hi"], "score": ["hi"], "check": ["--golden", "x.npz"]}.get(command, [])
+    with pytest.raises(SystemExit) as e:
+        main([command, "--device", "foo", *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --device: 'foo' is not a torch device" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["train", "--out", "r"]])
+def test_seed_beyond_64_bits_is_one_line(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--seed", str(2**64)])
+    assert e.value.code == 2 and "outside 0..2**64-1" in capsys.readouterr().err
+
+
+def test_non_utf8_arguments_are_one_line(model_args):
+    for command in (["generate", "caf\udce9"], ["score", "caf\udce9"]):
+        proc = subprocess.run([sys.executable, "-m", "grok1", *command[:1], *model_args,
+                               command[1].encode("utf-8", "surrogateescape")], capture_output=True, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert "is not valid UTF-8 (byte 0xe9 at byte 3)" in err
+
+
+def test_golden_that_is_not_npz_is_one_line(model_args, tmp_path, capsys):
+    bad = tmp_path / "golden.txt"
+    bad.write_text("not a numpy archive")
+    assert main(["check", *model_args, "--golden", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}" in err and "not a golden .npz" in err and len(err.strip().splitlines()) == 1
+    assert main(["check", *model_args, "--golden", str(tmp_path / "missing.npz")]) == 2
+    assert "missing.npz" in capsys.readouterr().err
+
+
+def test_serve_checks_host_and_port_before_loading(capsys):
+    import socket
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--port", "70000"])
+    assert e.value.code == 2 and "70000 is not a TCP port" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # A checkpoint that does not exist is never reached: the address is checked first.
+        assert main(["serve", "--port", str(port), "--checkpoint", "/nonexistent"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert main(["serve", "--host", "no-such-host.invalid", "--checkpoint", "/nonexistent"]) == 2
+    assert "cannot listen on no-such-host.invalid:8000" in capsys.readouterr().err
+
+
+def test_chat_url_errors_are_one_line(capsys):
+    """A 401 keeps the server's message and says which option fixes it; no server at all says so."""
+    import http.server
+    import threading
+
+    class Locked(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"error": {"message": "invalid API key", "type": "invalid_request_error"}}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Locked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert main(["chat", "--url", url]) == 2
+        err = capsys.readouterr().err
+        assert "answered 401: invalid API key (pass the server's key with --api-key KEY)" in err
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert main(["chat", "--url", url]) == 2
+    assert f"cannot reach {url}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "score", "info", "check", "serve", "chat", "train", "convert",
+                                     "presets"])
 def test_every_flag_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -110,6 +257,7 @@ def test_every_flag_has_help(command, capsys):
     from grok1.cli.main import build_parser
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    assert sub.description, f"{command} has no description"
     for action in sub._actions:
         assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
 

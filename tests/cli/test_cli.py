@@ -143,6 +143,22 @@ def test_check_passes_on_golden_and_finds_a_broken_layer(golden_dir, model_args,
     assert "first divergence: prompt 0, layer 4 " in capsys.readouterr().out
 
 
+def test_check_bf16_passes_at_its_own_tolerance_and_still_finds_a_wrong_constant(golden_dir, model_args, tmp_path,
+                                                                                capsys):
+    npz = str(golden_dir / "tiny-golden.npz")
+    assert main(["check", *model_args, "--golden", npz, "--precision", "bf16"]) == 0
+    assert "within tolerance" in capsys.readouterr().out
+    # A wrong embedding multiplier (1.0 instead of 78.38, a classic port mistake) is far outside it.
+    cfg = json.loads((golden_dir / "tiny-config.json").read_text())
+    text = json.dumps(cfg).replace("78.38367176906169", "1.0")
+    assert text != json.dumps(cfg)
+    (tmp_path / "wrong.json").write_text(text)
+    args = list(model_args)
+    args[3] = str(tmp_path / "wrong.json")
+    assert main(["check", *args, "--golden", npz, "--precision", "bf16"]) == 1
+    assert "first divergence: prompt 0, embed" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--checkpoint", "/nonexistent", "--preset", "tiny", "hi"], "does not exist"),
     (["generate", "--checkpoint", ".", "--preset", "nope", "hi"], "unknown preset 'nope'; valid presets"),

@@ -88,7 +88,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.set_defaults(run=run, action=None)
     p.set_defaults(defaults=p.parse_args([]))  # to tell the options given on the command line (see --resume)
 
-    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions = p.add_subparsers(dest="action", metavar="ACTION",
+                               help="tokenizer, tokenize, plot or merge (optional; without one: train)")
     t = actions.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer (Grok-1 conventions)",
                            formatter_class=DefaultsFormatter,
                            description="Byte fallback, split digits, pad 0 / bos 1 / eos 2 / unk 3, newline runs "

@@ -374,15 +374,19 @@ def pack_model(model: Transformer, release: Callable[[Tensor], None] | None = No
             lin = getattr(att, name)
             if isinstance(lin, (QLinear, nn.Linear)) and _packable(lin.weight):
                 setattr(att, name, PackedLinear(*panels(lin.weight, getattr(lin, "scales", None)), lin.weight.shape[0]))
-    # Experts and the table wherever they sit: a parallel wrapper (grok1/parallel) may hold a rank's share.
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, (QExperts, Experts)) and _packable(child.w1):
-                setattr(parent, name, PackedExperts(*(panels(getattr(child, f"w{i}"), getattr(child, f"s{i}", None))
-                                                      for i in "123")))
-            elif isinstance(child, TiedEmbedding) or (isinstance(child, QEmbedding) and _packable(child.weight)):
-                setattr(parent, name, PackedEmbedding(*panels(child.weight, getattr(child, "scales", None)),
-                                                      child.weight.shape[0]))
+    # Experts and the table wherever they sit (a parallel wrapper, grok1/parallel, may hold a rank's share), by
+    # name: holding no reference to a replaced module, so its memory goes as soon as its panels exist.
+    for path in [n for n, m in model.named_modules() if isinstance(m, (QExperts, Experts, TiedEmbedding, QEmbedding))]:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        child = getattr(parent, name)
+        if isinstance(child, (QExperts, Experts)) and _packable(child.w1):
+            setattr(parent, name, PackedExperts(*(panels(getattr(child, f"w{i}"), getattr(child, f"s{i}", None))
+                                                  for i in "123")))
+        elif isinstance(child, TiedEmbedding) or (isinstance(child, QEmbedding) and _packable(child.weight)):
+            setattr(parent, name, PackedEmbedding(*panels(child.weight, getattr(child, "scales", None)),
+                                                  child.weight.shape[0]))
+        del child
     if is_packed(model):
         # What stays is small (norms, router): copy it too, so that nothing holds on to a memory-mapped
         # checkpoint any more and its pages leave the process: the weights are in memory once, not twice.

@@ -25,7 +25,8 @@ def load_tokenizer():
 
 
 @contextmanager
-def live_server(model, tok, max_batch=8, max_seq_len=256, max_queue=64, header_timeout=10.0, **app_options):
+def live_server(model, tok, max_batch=8, max_seq_len=256, max_queue=64, header_timeout=10.0, name=MODEL,
+                **app_options):
     """Serve `model` with uvicorn on 127.0.0.1 (a free port), with `grok1 serve`'s uvicorn settings; yields
     (base_url, engine)."""
     import uvicorn
@@ -35,7 +36,7 @@ def live_server(model, tok, max_batch=8, max_seq_len=256, max_queue=64, header_t
     from grok1.server.run import uvicorn_config
 
     engine = Engine(model, tok, EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue))
-    app = create_app(engine, tok, MODEL, **app_options)
+    app = create_app(engine, tok, name, **app_options)
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, header_timeout, log_level="warning",
                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -85,3 +85,89 @@ def test_chat_page_streams_an_answer_and_stops(golden_model, tok, browser, tmp_p
         shot = Path(os.environ.get("GROK1_SCREENSHOT", tmp_path / "web-chat.png"))
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
         print(f"screenshot: {shot}")
+
+
+LAYOUT = """
+const box = (el) => { const r = el.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, left: r.left,
+                                                                    right: r.right, width: r.width}; };
+const list = document.getElementById('messages');
+const msgs = list.querySelectorAll('.msg');
+return {page: document.scrollingElement.scrollHeight, scrollY: window.scrollY, width: window.innerWidth,
+        height: window.innerHeight, header: box(document.querySelector('header')),
+        prompt: box(document.getElementById('prompt')), send: box(document.getElementById('send')),
+        list: box(list), listScroll: list.scrollHeight, listClient: list.clientHeight,
+        last: msgs.length ? box(msgs[msgs.length - 1]) : null,
+        settings: getComputedStyle(document.getElementById('settings')).display};
+"""
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The bundled demo model (256-token context) and its tokenizer, as `grok1 serve` loads them."""
+    from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.tokenizer import Tokenizer
+    from grok1.weights.load import load_model, resolve_config
+
+    model = load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT), "cpu", None, pack=True)
+    return model, Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
+def test_layout_keeps_header_and_input_in_view_at_desktop_and_phone_sizes(demo, browser, tmp_path, width, height):
+    """A long conversation with the demo model at the default answer length: the message list scrolls, the
+    page does not; the header, the input and the latest message stay in view; older turns are left out of
+    the request when the 256-token context fills; a stopped answer is marked. Screenshots at both sizes."""
+    from selenium.webdriver.common.by import By
+
+    model, tok = demo
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 700})
+    with live_server(model, tok, max_batch=2, max_seq_len=256, name="grok-1-mini") as (url, engine):
+        browser.get(url + "/")
+        find = browser.find_element
+        wait_for(lambda: "context 256" in find(By.ID, "model").text, what="the model and its context")
+        phone = width < 700
+        if phone:
+            assert browser.execute_script(LAYOUT)["settings"] == "none"  # settings fold away on a phone
+            find(By.ID, "toggle").click()
+        find(By.ID, "temperature").clear()
+        find(By.ID, "temperature").send_keys("0")
+        if phone:
+            find(By.ID, "toggle").click()
+        for i, question in enumerate(["Who is Mr Darcy?", "What does Elizabeth think of him?",
+                                      "And what happens at the ball?", "Tell me about Jane and Mr Bingley.",
+                                      "How does the story end?"]):
+            find(By.ID, "prompt").send_keys(question)
+            find(By.ID, "send").click()
+            wait_for(lambda: find(By.ID, "status").text in ("ready", "error"), timeout=120,
+                     what=f"answer {i + 1}")
+            assert find(By.ID, "status").text == "ready", browser.find_elements(By.CSS_SELECTOR, ".msg.error")[0].text
+        # The context filled: the oldest turns were left out of the request, and every answer came.
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.note")
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        # A stopped answer is marked as such.
+        find(By.ID, "prompt").send_keys("Tell me the whole story again, slowly.")
+        find(By.ID, "send").click()
+        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")) == 6 and
+                 browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")[-1].text, what="streaming")
+        find(By.ID, "stop").click()
+        wait_for(lambda: find(By.ID, "status").text == "stopped", what="the stop")
+        last_answer = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        assert "stopped" in last_answer.get_attribute("class") and "STOPPED" in last_answer.text.upper()
+
+        box = browser.execute_script(LAYOUT)
+        assert box["width"] == width and box["height"] == height
+        assert box["listScroll"] > box["listClient"]  # the conversation is longer than the list...
+        assert box["page"] <= height and box["scrollY"] == 0  # ...which scrolls, while the page does not
+        assert box["header"]["top"] == 0 and box["header"]["bottom"] <= 60
+        assert 0 < box["prompt"]["top"] and box["prompt"]["bottom"] <= height
+        assert box["prompt"]["width"] >= (0.5 * width if phone else 600)  # not squeezed by the settings
+        assert box["send"]["right"] <= width
+        # The latest message is scrolled into view inside the list.
+        assert box["list"]["top"] <= box["last"]["top"] < box["list"]["bottom"]
+        assert box["last"]["bottom"] <= box["list"]["bottom"] + 1
+
+        shot_dir = Path(os.environ.get("GROK1_SCREENSHOT_DIR", tmp_path))
+        shot = shot_dir / f"web-chat-{width}x{height}.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+        print(f"screenshot: {shot}")

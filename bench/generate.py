@@ -44,9 +44,10 @@ from bench.common import (
 from bench.roofline import cached_read_bandwidth_gbs
 from grok1.config import ModelConfig, from_name
 from grok1.engine.generate import decode_step, prefill
-from grok1.kernels import compile_model
+from grok1.kernels import install
 from grok1.model import Experts, Transformer, init_weights
-from grok1.quant import QExperts, QLinear, dequantize, pack_model, quantize_embedding, quantize_model
+from grok1.panels import pack_model
+from grok1.quant import QExperts, QLinear, dequantize, quantize_embedding, quantize_model
 from grok1.weights.load import load_model
 
 CONFIGS = ("tiny-golden", "bench-s", "bench-m")
@@ -246,7 +247,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before timing (default 2)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported (default 3)")
     p.add_argument("--layout", action="append",
-                   help="weight layout, comma list: panels (what the grok1 commands run: quant.pack_model) or rows "
+                   help="weight layout, comma list: panels (what the grok1 commands run: panels.pack_model) or rows "
                         "(the stored row-major matrices through the older kernel) (default panels)")
     p.add_argument("--naive", action="store_true", help="also time the reference-like all-experts MoE")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and token ids (default 0)")
@@ -272,7 +273,7 @@ def main() -> None:
     for config in args.config:
         for weights, layout in itertools.product(args.weights, args.layout):
             t0 = time.perf_counter()
-            model = compile_model(build_model(config, weights, args.golden_dir, args.seed))
+            model = install(build_model(config, weights, args.golden_dir, args.seed))
             if layout == "panels":
                 pack_model(model)
             log(f"{config} {weights} {layout}: built in {time.perf_counter() - t0:.1f} s, "

@@ -1,6 +1,6 @@
 """Compiled CPU kernels (grok1/csrc/: linear.cpp and panels.cpp for matmuls, attention.cpp, argmax.cpp,
 norm.cpp), built with torch's C++ extension loader at first use, and `CompiledAttention` /
-`CompiledRMSNorm`, which plug the attention and norm kernels into a finished model (`compile_model`).
+`CompiledRMSNorm`, the modules that `install` puts in place of a finished model's attention and norms.
 
 The build is cached (under ~/.cache/torch_extensions, keyed by the sources, flags and this CPU's
 instruction set), so only the first run on a machine pays the ~30-60 s compile. Where no
@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from grok1.model import Attention, KVCache, RMSNorm, Transformer
 
@@ -85,7 +85,7 @@ def linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
 
 
 def panel_linear(x: Tensor, panels: Tensor, scales: Tensor, n_out: int) -> Tensor | None:
-    """x [.., K] float32 @ W.T for W [n_out, K] packed in panels (quant.to_panels) on CPU, or None when the
+    """x [.., K] float32 @ W.T for W [n_out, K] packed in panels (panels.to_panels) on CPU, or None when the
     compiled kernel does not apply."""
     if not applies(x, panels):
         return None
@@ -96,7 +96,7 @@ def panel_linear(x: Tensor, panels: Tensor, scales: Tensor, n_out: int) -> Tenso
 def experts(x_ND: Tensor, idx_NA: Tensor, gate_NA: Tensor, w: tuple[Tensor, ...], scales: tuple[Tensor, ...]) -> Tensor:
     """The experts of a MoE layer in one compiled call: token t of x_ND [N, D] goes to experts idx_NA[t]
     with weights gate_NA[t] (float32); w = (w1, w3, w2) stacked [E, ., .] in any stored format, or stacked
-    panels [E, P, K, 16] (quant.to_panels), scales likewise. Returns [N, D]. The caller checks `applies` first."""
+    panels [E, P, K, 16] (panels.to_panels), scales likewise. Returns [N, D]. The caller checks `applies` first."""
     return cpu_ops().experts(x_ND, idx_NA, gate_NA, w[0], scales[0], w[1], scales[1], w[2], scales[2], GEMM_MIN_ROWS)
 
 
@@ -120,6 +120,14 @@ class CompiledAttention(Attention):
     in one call, instead of a gathered copy of the cache and a dozen small tensor ops. Every other call
     (prefill, no cache, other devices or dtypes, training) is the model's own Attention.forward."""
 
+    def __init__(self, attention: Attention) -> None:
+        """The layer `attention` (its settings, and its wqkv and wo modules themselves, not copies)."""
+        nn.Module.__init__(self)
+        self.layer_id, self.head_dim, self.group = attention.layer_id, attention.head_dim, attention.group
+        self.scale, self.softcap = attention.scale, attention.softcap
+        self.wqkv, self.wo = attention.wqkv, attention.wo
+        self.train(attention.training)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor,
                 cache: KVCache | None, kv_len: int, rows: Tensor | None = None) -> Tensor:
         if not attention_applies(x, cache):
@@ -138,6 +146,12 @@ class CompiledRMSNorm(RMSNorm):
     """RMSNorm computed by the compiled kernel (one pass, instead of torch's five ops) for float32 CPU
     activations without gradients; elsewhere the model's own RMSNorm.forward."""
 
+    def __init__(self, norm: RMSNorm) -> None:
+        """The norm `norm` (its eps, and its weight parameter itself, not a copy)."""
+        nn.Module.__init__(self)
+        self.eps, self.weight = norm.eps, norm.weight
+        self.train(norm.training)
+
     def forward(self, x: Tensor) -> Tensor:
         if (x.dtype != torch.float32 or self.weight.dtype != torch.float32 or not applies(x, self.weight)
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):  # training the scale: torch's path
@@ -145,12 +159,13 @@ class CompiledRMSNorm(RMSNorm):
         return cpu_ops().rms_norm(x, self.weight, self.eps)
 
 
-def compile_model(model: Transformer) -> Transformer:
-    """Make every attention a CompiledAttention and every RMSNorm a CompiledRMSNorm (same weights; each falls
-    back to the plain path wherever its kernel does not apply). Returns the model."""
-    for module in model.modules():
-        if type(module) is Attention:
-            module.__class__ = CompiledAttention
-        elif type(module) is RMSNorm:
-            module.__class__ = CompiledRMSNorm
+def install(model: Transformer) -> Transformer:
+    """Replace every Attention by a CompiledAttention and every RMSNorm by a CompiledRMSNorm holding the
+    same parameters (each falls back to the plain path wherever its kernel does not apply), as
+    quant.swap_to_int8 replaces modules. Returns the model."""
+    compiled = {Attention: CompiledAttention, RMSNorm: CompiledRMSNorm}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in compiled:
+                setattr(parent, name, compiled[type(child)](child))
     return model

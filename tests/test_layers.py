@@ -13,9 +13,10 @@ ALLOWED = {
     "plan": {"config"},  # the memory planner: arithmetic on a ModelConfig
     "kernels": {"model"},  # compiled CPU kernels, and CompiledAttention (a model.Attention subclass); used by quant
     "quant": {"config", "model", "kernels"},
+    "panels": {"model", "kernels", "quant"},  # the kernel's storage layout for int8 / float32 matrices
     "parallel": {"config", "model", "quant", "kernels"},
-    "weights": {"config", "model", "quant", "kernels", "parallel"},
-    "engine": {"config", "model", "quant", "kernels", "parallel", "weights", "tokenizer"},
+    "weights": {"config", "model", "quant", "panels", "kernels", "parallel"},
+    "engine": {"config", "model", "quant", "panels", "kernels", "parallel", "weights", "tokenizer"},
     "server": {"engine", "tokenizer"},
     "eval": {"engine", "weights", "model", "tokenizer", "config"},
     "train": {"config", "model", "weights", "parallel", "tokenizer", "quant"},

@@ -1,4 +1,4 @@
-"""Panel-packed weights (quant.to_panels, quant.pack_model) and their kernel (csrc/panels.cpp), against
+"""Panel-packed weights (panels.to_panels, panels.pack_model) and their kernel (csrc/panels.cpp), against
 float64 oracles, the row-major layout they replace, and the golden reference logits."""
 
 import numpy as np
@@ -8,19 +8,8 @@ from conftest import small_config
 
 from grok1 import kernels
 from grok1.model import Transformer, init_weights
-from grok1.quant import (
-    PackedEmbedding,
-    PackedExperts,
-    PackedLinear,
-    from_panels,
-    is_packed,
-    pack,
-    pack_model,
-    quantize_embedding,
-    quantize_model,
-    to_panels,
-    unpack,
-)
+from grok1.panels import PackedEmbedding, PackedExperts, PackedLinear, from_panels, is_packed, pack_model, to_panels
+from grok1.quant import pack, quantize_embedding, quantize_model, unpack
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +125,7 @@ def test_pack_model_computes_the_same_function(ops, fmt, table):
     quantize_model(model, fmt)
     if table == "int8":
         quantize_embedding(model, "int8")
-    model = kernels.compile_model(model.eval())
+    model = kernels.install(model.eval())
     tokens = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         ref = model(tokens)

@@ -587,7 +587,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("panel_linear", &panel_linear, "y = x @ W.T with W packed in panels [P, K, 16], int8 (+float32 scales) or fp32",
         py::call_guard<py::gil_scoped_release>());
-  m.def("pack_panels", &pack_panels, "dst [P, K, 16] <- rows [R, K] in panels (quant.to_panels)",
+  m.def("pack_panels", &pack_panels, "dst [P, K, 16] <- rows [R, K] in panels (panels.to_panels)",
         py::call_guard<py::gil_scoped_release>());
   m.def("experts", &experts, "the experts of one MoE layer: y[t] = sum_a gate[t, a] * expert_idx[t, a](x[t])",
         py::call_guard<py::gil_scoped_release>());

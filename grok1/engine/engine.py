@@ -32,14 +32,14 @@ from grok1.engine.errors import ShuttingDown
 from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob, check_prompt
 from grok1.model import Transformer
-from grok1.quant import is_packed
+from grok1.panels import is_packed
 from grok1.tokenizer import Tokenizer
 
 log = logging.getLogger("grok1.engine")
 
 # Rows (tokens) up to which a step's prompts and decode rows share one forward: below the compiled
 # kernel's switch to BLAS (kernels.GEMM_MIN_ROWS), where results do not depend on the batch; with
-# panel-packed weights (quant.pack_model) no size switches kernels, so the bound only keeps long prompts on
+# panel-packed weights (panels.pack_model) no size switches kernels, so the bound only keeps long prompts on
 # the padded prefill path (batched attention).
 ONE_PASS_ROWS = kernels.GEMM_MIN_ROWS
 ONE_PASS_ROWS_PACKED = 512

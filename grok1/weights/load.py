@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from grok1 import kernels
 from grok1.config import ModelConfig, from_name
-from grok1.kernels import compile_model
 from grok1.model import Transformer
+from grok1.panels import pack_model
 from grok1.parallel.dist import Mesh, connect, plans, shard
 from grok1.parallel.tp import matrix_format, take, weight_name
-from grok1.quant import QEmbedding, pack_model, swap_to_int8
+from grok1.quant import QEmbedding, swap_to_int8
 from grok1.weights import legacy, names
 from grok1.weights import safetensors as st
 from grok1.weights.legacy import CheckpointError
@@ -150,7 +151,7 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
     """Load a checkpoint (grok1 safetensors or the release's ckpt-0) into an eval-mode Transformer
     computing in `dtype` on `device`. int8 weights stay int8; attention runs the compiled kernel where it
     applies (kernels.CompiledAttention). pack=True: for inference, the matrices in the kernel's panels
-    (quant.pack_model), each memory-mapped original dropped once copied. mesh: this rank's part of a
+    (panels.pack_model), each memory-mapped original dropped once copied. mesh: this rank's part of a
     tensor/expert-parallel model (grok1/parallel), reading only its slices, with its collectives."""
     dtype = dtype or default_dtype(device)
     stored_table = False
@@ -186,7 +187,7 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
     if mesh is not None:
         connect(model, mesh)
-    model = compile_model(model.eval())
+    model = kernels.install(model.eval())
     return pack_model(model, release=st.release_pages) if pack else model
 
 

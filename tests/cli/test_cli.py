@@ -303,7 +303,7 @@ def test_inference_commands_pack_the_weights_unless_told(golden, model_args, cap
     from grok1 import kernels
     from grok1.cli.common import config_from_args, model_from_args
     from grok1.cli.main import build_parser
-    from grok1.quant import is_packed
+    from grok1.panels import is_packed
 
     prompt = str(golden["prompt_text"][0])
     for flags, packed in (([], kernels.cpu_ops() is not None), (["--no-pack"], False)):

@@ -235,7 +235,7 @@ def test_packed_model_takes_any_batch_of_prompts_in_one_forward_and_changes_noth
     running batch share its forward even past the row-major kernel's 32-row switch, and every request still
     gets exactly the tokens it gets alone."""
     from grok1 import kernels
-    from grok1.quant import is_packed
+    from grok1.panels import is_packed
 
     model, tok = demo(packed=True)
     assert is_packed(model)

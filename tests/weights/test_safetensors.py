@@ -96,7 +96,7 @@ def test_every_stored_format_round_trips_with_a_stored_table(tmp_path, fmt):
     loaded = load_model(out, cfg)
     assert isinstance(loaded.tok_embeddings, QEmbedding)
     _same_tensors(model, loaded)
-    kernels.compile_model(model)  # load_model plugs in the compiled kernels: compute both the same way
+    kernels.install(model)  # load_model plugs in the compiled kernels: compute both the same way
     tokens = torch.randint(1, cfg.vocab_size, (1, 5))
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))

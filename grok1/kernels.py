@@ -1,11 +1,11 @@
 """Compiled CPU kernels (grok1/csrc/: linear.cpp and panels.cpp for matmuls, attention.cpp, argmax.cpp,
-norm.cpp), built with torch's C++ extension loader at first use, and `CompiledAttention` /
-`CompiledRMSNorm`, the modules that `install` puts in place of a finished model's attention and norms.
+norm.cpp), built at first use, and `CompiledAttention` / `CompiledRMSNorm`, the modules that `install`
+puts in place of a finished model's attention and norms.
 
 The build is cached (under ~/.cache/torch_extensions, keyed by the sources, flags and this CPU's
-instruction set), so only the first run on a machine pays the ~30-60 s compile. Where no
-compiler is available the callers fall back to plain torch, after one warning. Set
-GROK1_KERNELS=0 to force the fallback.
+instruction set), so only the first run on a machine pays the ~30-60 s compile; a killed build or two
+first uses at once are safe (extension.py). Where no compiler is available the callers fall back to
+plain torch, after one warning. Set GROK1_KERNELS=0 to force the fallback.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import functools
 import hashlib
 import os
 import platform
-import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -22,10 +21,15 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from grok1 import extension
 from grok1.model import Attention, KVCache, RMSNorm, Transformer
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / n for n in ("linear.cpp", "panels.cpp", "attention.cpp", "argmax.cpp", "norm.cpp")]  # + their header simd.h
+
+# -ffp-contract=off: a * b + c stays two roundings unless the source asks for a fused multiply-add (the
+# attention kernel's RoPE must round as torch's elementwise ops do).
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 
 # Rows of activations from which the matmul dequantises weight tiles and uses BLAS (compute-bound
 # prefill) instead of streaming the weights through the register kernel (memory-bound decode).
@@ -50,16 +54,7 @@ def cpu_ops() -> ModuleType | None:
     if os.environ.get("GROK1_KERNELS", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
-
-        name = f"grok1_kernels_{_build_tag()}"
-        if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
-            print("grok1: compiling the CPU kernels (first use on this machine, about a minute)...", file=sys.stderr)
-        # -ffp-contract=off: a * b + c stays two roundings unless the source asks for a fused multiply-add
-        # (the attention kernel's RoPE must round as torch's elementwise ops do).
-        return load(name=name, sources=[str(p) for p in _SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return extension.load(f"grok1_kernels_{_build_tag()}", _SOURCES, CFLAGS, ["-fopenmp"])
     except Exception as e:  # noqa: BLE001  no compiler, no ninja, unsupported platform: run slower, but run
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"grok1: compiled CPU kernel unavailable ({reason}); using the slower pure-torch path",

@@ -7,6 +7,11 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compiles: builds the C++ kernels from scratch in a private cache "
+                            "(about a minute per build on 2 cores); deselect with -m 'not compiles'")
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     """The shared data directory next to the repo (../shared); skips when absent."""

@@ -11,7 +11,8 @@ ALLOWED = {
     "tokenizer": set(),
     "model": {"config"},
     "plan": {"config"},  # the memory planner: arithmetic on a ModelConfig
-    "kernels": {"model"},  # compiled CPU kernels, and CompiledAttention (a model.Attention subclass); used by quant
+    "extension": set(),  # builds and loads the compiled kernels (torch only)
+    "kernels": {"model", "extension"},  # compiled CPU kernels, and CompiledAttention (a model.Attention subclass); used by quant
     "quant": {"config", "model", "kernels"},
     "panels": {"model", "kernels", "quant"},  # the kernel's storage layout for int8 / float32 matrices
     "parallel": {"config", "model", "quant", "kernels"},

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import small_config
 
-from grok1 import kernels
+from grok1 import extension, kernels
 from grok1.model import Transformer, init_weights
 from grok1.panels import PackedEmbedding, PackedExperts, PackedLinear, from_panels, is_packed, pack_model, to_panels
 from grok1.quant import pack, quantize_embedding, quantize_model, unpack
@@ -179,8 +179,6 @@ def test_avx2_and_scalar_builds_give_the_same_bits(ops, tmp_path_factory):
     import platform
     import shutil
 
-    from torch.utils.cpp_extension import load
-
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 instruction-set variants")
     if shutil.which("c++") is None and shutil.which("g++") is None:
@@ -188,8 +186,8 @@ def test_avx2_and_scalar_builds_give_the_same_bits(ops, tmp_path_factory):
     flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-mno-avx512f"]
     builds = {"native": ops}
     for name, extra in (("avx2", []), ("scalar", ["-mno-avx2", "-mno-fma"])):
-        builds[name] = load(name=f"grok1_kernels_test_{name}_{kernels._build_tag()}", sources=[str(p) for p in kernels._SOURCES],
-                            extra_cflags=flags + extra, extra_ldflags=["-fopenmp"])
+        builds[name] = extension.load(f"grok1_kernels_test_{name}_{kernels._build_tag()}", kernels._SOURCES, flags + extra,
+                                      ["-fopenmp"])
     g = torch.Generator().manual_seed(0)
     for fmt in ("int8", "fp32", "int4", "bf16"):
         for N, K, G in [(40, 256, 8), (17, 96, 1), (256, 344, 8)]:

@@ -162,5 +162,9 @@ def install(model: Transformer) -> Transformer:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in compiled:
-                setattr(parent, name, compiled[type(child)](child))
+                new = compiled[type(child)](child)
+                for key, hooks in vars(child).items():  # hooks move along (tensor parallelism's all-reduce)
+                    if "hooks" in key:
+                        object.__setattr__(new, key, hooks)
+                setattr(parent, name, new)
     return model

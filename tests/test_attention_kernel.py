@@ -228,3 +228,17 @@ def test_install_replaces_modules_keeping_their_parameters_and_settings():
     assert dict(model.named_parameters()).keys() == params.keys()
     assert all(p is params[n] for n, p in model.named_parameters())
     assert not model.training
+
+
+def test_install_keeps_the_hooks_on_a_module():
+    """Tensor parallelism sums each attention's output with a forward hook (parallel/tp.py): it must still run."""
+    model = Transformer(small_config()).eval()
+    seen = []
+    model.layers[0].attention.register_forward_hook(lambda _m, _a, out: seen.append(out.shape) or out * 2)
+    tokens = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        want = model(tokens)
+        kernels.install(model)
+        got = model(tokens)
+    assert isinstance(model.layers[0].attention, kernels.CompiledAttention) and len(seen) == 2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -15,7 +15,7 @@ ALLOWED = {
     "kernels": {"model", "extension"},  # compiled CPU kernels, and CompiledAttention (a model.Attention subclass); used by quant
     "quant": {"config", "model", "kernels"},
     "panels": {"model", "kernels", "quant"},  # the kernel's storage layout for int8 / float32 matrices
-    "parallel": {"config", "model", "quant", "kernels"},
+    "parallel": {"config", "model", "quant", "panels", "kernels"},
     "weights": {"config", "model", "quant", "panels", "kernels", "parallel"},
     "engine": {"config", "model", "quant", "panels", "kernels", "parallel", "weights", "tokenizer"},
     "server": {"engine", "tokenizer"},

@@ -13,8 +13,8 @@ model's own attention runs unchanged on the slice (it reshapes with -1 heads).
 Every stored weight format of quant.py is sliced in its own layout: int8 [.., out, in] with scales
 [.., G, out] (a row-parallel slice takes its inputs' scale groups: G/T groups each when T divides G,
 the one group it lies in when G divides T), int4 [.., out, in/2] with scales [.., out, in/32] (whole
-32-input blocks), bf16 and fp32 without scales. Call before quant.pack_model (panels are made from
-the slices) and before compile_model; model.py is not edited: the collectives are forward hooks on
+32-input blocks), bf16 and fp32 without scales. Call before panels.pack_model (panels are made from
+the slices) and before kernels.install; model.py is not edited: the collectives are forward hooks on
 `attention` and `moe`, and the table is wrapped.
 """
 
@@ -157,10 +157,10 @@ def shard_tp(model: Transformer, rank: int, size: int) -> None:
 
 
 def _refuse_packed(model: Transformer) -> None:
-    from grok1.quant import PackedEmbedding, PackedExperts, PackedLinear
+    from grok1.panels import PackedEmbedding, PackedExperts, PackedLinear
 
     if any(isinstance(m, (PackedLinear, PackedExperts, PackedEmbedding)) for m in model.modules()):
-        raise ValueError("shard the model before quant.pack_model: panels are made from each rank's slice")
+        raise ValueError("shard the model before panels.pack_model: panels are made from each rank's slice")
 
 
 def all_reduce(t: Tensor, group: dist.ProcessGroup) -> Tensor:

@@ -10,7 +10,8 @@ import torch
 
 from grok1.config import PRESETS, ModelConfig
 from grok1.model import Transformer, init_weights
-from grok1.quant import pack_model, quantize_embedding, quantize_model
+from grok1.panels import pack_model
+from grok1.quant import quantize_embedding, quantize_model
 from grok1.weights.load import load_model
 
 REPO = Path(__file__).resolve().parents[2]

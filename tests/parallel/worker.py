@@ -16,8 +16,8 @@ import torch.distributed as dist
 from grok1 import kernels
 from grok1.engine.generate import generate
 from grok1.engine.sampling import SamplingParams
+from grok1.panels import pack_model
 from grok1.parallel.dist import build_mesh, parallelize
-from grok1.quant import pack_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import PROMPTS, build  # noqa: E402

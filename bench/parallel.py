@@ -27,7 +27,8 @@ from grok1 import kernels
 from grok1.config import from_name
 from grok1.model import Transformer, init_weights
 from grok1.parallel.dist import Mesh, build_mesh, connect, shard
-from grok1.quant import pack_model, quantize_model, swap_to_int8
+from grok1.panels import pack_model
+from grok1.quant import quantize_model, swap_to_int8
 from grok1.weights.load import load_model, save_model
 
 
@@ -92,7 +93,7 @@ def random_sliced_model(preset: str, mesh: Mesh | None) -> Transformer:
                 module._buffers[name] = new
     if mesh is not None:
         connect(model, mesh)
-    return pack_model(kernels.compile_model(model.eval()))
+    return pack_model(kernels.install(model.eval()))
 
 
 @torch.inference_mode()

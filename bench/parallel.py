@@ -26,8 +26,8 @@ from bench.common import emit, peak_rss_mb, provenance
 from grok1 import kernels
 from grok1.config import from_name
 from grok1.model import Transformer, init_weights
-from grok1.parallel.dist import Mesh, build_mesh, connect, shard
 from grok1.panels import pack_model
+from grok1.parallel.dist import Mesh, build_mesh, connect, shard
 from grok1.quant import quantize_model, swap_to_int8
 from grok1.weights.load import load_model, save_model
 

@@ -82,6 +82,8 @@ def check_sampling(args: argparse.Namespace, max_tokens_flag: str = "--max-new-t
     for attr, flag, ok, valid in checks:
         if hasattr(args, attr) and not ok(getattr(args, attr)):
             raise ValueError(f"{flag} {getattr(args, attr)} is invalid: must be {valid}")
+    if "" in getattr(args, "stop", ()):
+        raise ValueError("--stop '' is invalid: a stop text must not be empty")
 
 
 def config_from_args(args: argparse.Namespace, checkpoint: bool = True) -> ModelConfig:

@@ -289,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
         tok = Tokenizer(tok_path)
         check_tokenizer(tok, model.config.vocab_size)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context of {model.config.max_seq_len} tokens")
     if args.resume and (last := latest(out)) is not None:
         done = torch.load(last / "trainer_state.pt", weights_only=True)["step"]
         if done >= cfg.max_steps:

@@ -178,6 +178,9 @@ def test_bad_sampling_value_is_one_line(model_args):
     assert proc.returncode == 2
     assert "--temperature -1.0 is invalid" in proc.stderr and "Traceback" not in proc.stderr
     assert "SamplingParams" not in proc.stderr  # the flag the user typed, not an internal field
+    proc = subprocess.run(["grok1", "generate", *model_args, "hi", "--stop", ""], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 2 and "--stop '' is invalid" in proc.stderr
 
 
 @pytest.mark.parametrize("command", ["generate", "score", "check", "serve", "chat", "info"])

@@ -118,6 +118,13 @@ def test_bad_options_are_refused_before_the_run_directory_exists(flag, value, me
     assert code == 2 and message in capsys.readouterr().err and not run.exists()
 
 
+def test_sequences_longer_than_the_context_are_refused_by_flag(pattern_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(pattern_file), "--out", str(run), "--seq-len", "1000", "--lora-rank", "2",
+                 *FAST[2:]]) == 2
+    assert "--seq-len 1000 exceeds the model's context of 256 tokens" in capsys.readouterr().err and not run.exists()
+
+
 def test_non_utf8_text_names_the_file_and_offset(tmp_path, tokenizer_path, capsys):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("The lady said hello.\n".encode() * 3 + "Caf\xe9\n".encode("latin-1"))

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     # from a background job of a non-interactive shell inherits SIG_IGN, and Python then leaves it so).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.url:
+        if not args.url.startswith(("http://", "https://")):
+            raise ValueError(f"--url {args.url}: give the server's base URL, e.g. http://127.0.0.1:8000")
         reply, context = partial_remote(args.url.rstrip("/"), args.api_key)
         return chat_loop(reply, settings(args, context), system)
     engine = engine_from_args(args)

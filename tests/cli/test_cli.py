@@ -265,6 +265,8 @@ def test_chat_url_errors_are_one_line(capsys):
         server.server_close()
     assert main(["chat", "--url", url]) == 2
     assert f"cannot reach {url}" in capsys.readouterr().err
+    assert main(["chat", "--url", "localhost:8000"]) == 2
+    assert "give the server's base URL, e.g. http://127.0.0.1:8000" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["generate", "score", "info", "check", "serve", "chat", "train", "convert",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -70,6 +71,33 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def texts_from_args(texts: list[str], files: list[str], what: str) -> list[str]:
+    """The texts a command works on: its positional arguments ("-" = all of stdin), then each --file's text."""
+    out = []
+    for text in texts:
+        if text == "-":
+            data = sys.stdin.buffer.read()
+            out.append(decode_utf8(data, "stdin"))
+        else:
+            out.append(text)
+    for path in files:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"--file {path}: {e.strerror or e}") from None
+        out.append(decode_utf8(data, path))
+    if not out:
+        raise ValueError(f"give at least one {what} (an argument, - for stdin, or --file PATH)")
+    return out
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start}") from None
 
 
 def check_sampling(args: argparse.Namespace, max_tokens_flag: str = "--max-new-tokens") -> None:

@@ -316,3 +316,42 @@ def test_inference_commands_pack_the_weights_unless_told(golden, model_args, cap
         assert is_packed(model_from_args(args, config_from_args(args))) == packed
         assert main(["generate", *model_args, *flags, prompt, "--temperature", "0", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["token_ids"][:16] == golden["greedy_fp32"][0].tolist()
+
+
+def test_score_refuses_a_text_beyond_the_context_or_scores_it_in_windows(capsys):
+    """The demo model's context is 256 tokens: a longer text is refused like generate refuses it, or scored
+    in windows, each token once with at least 128 tokens before it (checked against scoring that prefix)."""
+    import torch
+
+    from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.cli.score import score, score_windows
+    from grok1.weights.load import load_model, resolve_config
+
+    text = " ".join(f"It was the {i}th day of the month, and Elizabeth walked to Meryton." for i in range(40))
+    assert main(["score", text]) == 2
+    err = capsys.readouterr().err
+    assert "tokens but the model's context holds 256; pass --sliding-window" in err
+    assert main(["score", text, "--sliding-window", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ids = result["ids"]
+    assert len(ids) > 512 and len(result["token_logprobs"]) == len(ids) - 1 and result["windows"] >= 4
+    model = load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT), "cpu", torch.float32, pack=True)
+    for p in (1, 255, 256, 300, 383, 384, len(ids) - 1):  # token p, scored in the window starting at 128 k
+        start = 0 if p < 256 else 128 * ((p - 256) // 128 + 1)
+        want = score(model, ids[start:p + 1], 1)["token_logprobs"][-1]
+        assert result["token_logprobs"][p - 1] == pytest.approx(want, abs=1e-4), p
+    assert score_windows(model, ids[:200], 3, 256) == score(model, ids[:200], 3) | {"windows": 1}
+
+
+def test_texts_from_stdin_and_files(tmp_path):
+    story = tmp_path / "story.txt"
+    story.write_text("It is a truth universally acknowledged")
+    run = subprocess.run([sys.executable, "-m", "grok1", "score", "-", "--file", str(story), "--json"],
+                         input=b"The lady said", capture_output=True, check=False)
+    rows = [json.loads(line) for line in run.stdout.decode().splitlines()]
+    assert run.returncode == 0 and [r["text"] for r in rows] == ["The lady said", story.read_text()]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok \xff")
+    run = subprocess.run([sys.executable, "-m", "grok1", "score", "--file", str(bad)], capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 2 and f"{bad} is not UTF-8 text: byte 0xff at byte offset 3" in run.stderr

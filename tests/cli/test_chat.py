@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -237,14 +238,16 @@ def test_ten_turns_in_a_terminal_with_line_editing_and_history(tmp_path):
     import pty
     import select
 
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from grok1 import kernels
 
     saved = tmp_path / "chat.json"
-    kernels = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    built = str(Path(_get_build_directory(f"grok1_kernels_{kernels._build_tag()}", verbose=False)).parent)
     pid, fd = pty.fork()
     if pid == 0:  # the child: `grok1 chat` on the terminal
         os.environ["HOME"] = str(tmp_path)  # the input history file goes here
-        os.environ["TORCH_EXTENSIONS_DIR"] = kernels  # (the compiled kernels stay where they are)
+        os.environ["TORCH_EXTENSIONS_DIR"] = built  # (the compiled kernels stay where they are)
         os.execv(sys.executable, [sys.executable, "-m", "grok1", "chat", "--temperature", "0", "--seed", "0"])
     text = b""
 

@@ -88,5 +88,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not dist.is_initialized():
             raise
-        ranks.exit_on_failure(e, args.heartbeat_timeout)  # one rank of a job: name the failure, never hang
+        ranks.exit_on_failure(e, args.heartbeat_timeout + 3)  # one rank of a job: name the failure, never hang
         raise

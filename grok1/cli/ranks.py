@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ class Job:
     """This process's place in a torchrun job."""
     mesh: Mesh
     watchdog: Watchdog
-    control: dist.ProcessGroup | None  # a CPU (gloo) group for control messages; None: the default group is one
+    control: dist.ProcessGroup  # a CPU (gloo) group for control messages
 
     @property
     def rank(self) -> int:
@@ -65,8 +66,10 @@ def join(args: argparse.Namespace, cfg: ModelConfig) -> Job | None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         args.device = f"cuda:{torch.cuda.current_device()}"
     mesh = init_mesh(args.tp, args.ep, "nccl" if cuda else "gloo", args.dist_timeout)
-    # Control traffic (the check below, the server's steps) goes over a CPU group whatever the backend.
-    control = dist.new_group(backend="gloo") if cuda else None
+    # Control traffic (the check below, the steps rank 0 sends) goes over a CPU group whatever the backend, with
+    # no practical timeout: a server's followers wait for the next request as long as it takes (the watchdog,
+    # not a timeout, tells them when rank 0 is gone).
+    control = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     watchdog = Watchdog(timeout=args.heartbeat_timeout).start()
     check_same("the model (config, checkpoint index, options)",
                fingerprint(cfg.to_dict(), checkpoint_identity(Path(args.checkpoint)), args.tp, args.ep,

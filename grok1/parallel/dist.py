@@ -7,6 +7,7 @@ holds ranks t, t + T, ... (across nodes). Every rank runs the same forward on th
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -144,10 +145,13 @@ class Watchdog:
 
     def start(self) -> Watchdog:
         self.thread.start()
+        atexit.register(self.stop)  # never left inside a store call while the interpreter exits
         return self
 
     def stop(self) -> None:
         self.stopped.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=self.interval + 5)
 
     def _run(self) -> None:
         beats, seen = 0, {r: (-1, time.monotonic()) for r in range(self.world_size) if r != self.rank}

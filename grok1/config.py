@@ -1,4 +1,5 @@
-"""ModelConfig: the architecture facts of a Grok-1 model, and named presets.
+"""ModelConfig: the architecture facts of a Grok-1 model, named presets, and `resolve_config` (which one a
+command line means: a config file, a preset, or the config.json beside a checkpoint).
 
 Runtime knobs (batch size, dtype, device, parallelism) are not here: they live in
 `engine.engine.EngineConfig`; sampling knobs live in `engine.sampling.SamplingParams`.
@@ -176,3 +177,19 @@ def from_name(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def resolve_config(checkpoint: str | Path | None, config: str | Path | None = None,
+                   preset: str | None = None) -> ModelConfig:
+    """--config JSON wins, then --preset, then a config.json next to the checkpoint."""
+    if config is not None and preset is not None:
+        raise ValueError("give either a config file or a preset, not both")
+    if config is not None:
+        return ModelConfig.from_reference_json(config)
+    if preset is not None:
+        return from_name(preset)
+    if checkpoint is not None:
+        for candidate in (Path(checkpoint) / "config.json", Path(checkpoint).parent / "config.json"):
+            if candidate.is_file():
+                return ModelConfig.from_reference_json(candidate)
+    raise ValueError(f"no model config found next to checkpoint {checkpoint}: pass --config FILE or --preset NAME")

@@ -8,6 +8,8 @@ A weight W [.., out, in] is stored in one of these formats (`weight`, `scales` b
         32 inputs, byte j of a block holds input j (low nibble) and input j + 16 (high nibble),
         values stored + 8 (symmetric, -8..7). Not a release format: an option for speed and memory.
   bf16, fp32  the plain matrix, no scales.
+These four names (`FORMATS`) are the one vocabulary of weight formats; grok1's config.json spells the
+last two "bfloat16" and "float32" (`CONFIG_NAMES`).
 
 int8 dequantisation is the reference's, bit for bit: the product int8 * scale is exact in float32
 (8-bit x 8-bit mantissas), so the float32 weight is that exact product, and the bfloat16 weight
@@ -31,16 +33,24 @@ from torch import Tensor, nn
 from grok1 import kernels
 from grok1.model import Experts, TiedEmbedding, Transformer, route_to_experts
 
-FORMATS = ("int8", "int4", "bf16", "fp32")
+FORMATS = ("int8", "int4", "bf16", "fp32")  # how a matrix is stored (module doc)
+STORAGE_DTYPES = dict(zip(FORMATS, (torch.int8, torch.uint8, torch.bfloat16, torch.float32)))  # its tensor's dtype
+CONFIG_NAMES = dict(zip(FORMATS, ("int8", "int4", "bfloat16", "float32")))  # grok1 config.json "weights"
+RELEASE_GROUPS = {"wqkv": 1, "wo": 8, "w1": 1, "w2": 8, "w3": 1}  # int8 scale groups per matrix, as released
 INT4_BLOCK = 32
 
 
+def weight_format(weight: Tensor) -> str:
+    """The format of a stored matrix, from its dtype (any other float dtype counts as fp32: a plain matrix)."""
+    return next((f for f, d in STORAGE_DTYPES.items() if d == weight.dtype), "fp32")
+
+
 def dequantize(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """int8 q [.., out, in], scales [.., Gs, out] -> weight [.., out, in] in dtype."""
+    """int8 q [.., out, in], scales [.., Gs, out] -> weight [.., out, in] in dtype: the exact float32 products
+    int8 * scale, the scales broadcast over each group of inputs (never expanded to the weight's size)."""
     groups = scales.shape[-2]
-    s = scales.float().transpose(-1, -2)  # [.., out, Gs]
-    s = s.repeat_interleave(q.shape[-1] // groups, dim=-1)  # [.., out, in]
-    return (q.float() * s).to(dtype)
+    s = scales.float().transpose(-1, -2)[..., None]  # [.., out, Gs, 1]
+    return (q.unflatten(-1, (groups, q.shape[-1] // groups)).float() * s).flatten(-2).to(dtype)
 
 
 def quantize(w: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
@@ -92,13 +102,8 @@ def pack(w: Tensor, fmt: str, groups: int = 1) -> tuple[Tensor, Tensor]:
     if fmt == "int4":  # an input size that does not split into 32-blocks keeps the release's int8
         return quantize_int4(w) if w.shape[-1] % INT4_BLOCK == 0 else quantize(w, groups)
     if fmt in ("bf16", "fp32"):
-        dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
-        return w.detach().to(dtype).contiguous(), torch.empty(0, dtype=torch.bfloat16, device=w.device)
+        return w.detach().to(STORAGE_DTYPES[fmt]).contiguous(), torch.empty(0, dtype=torch.bfloat16, device=w.device)
     raise ValueError(f"unknown weight format {fmt!r}; valid formats: {', '.join(FORMATS)}")
-
-
-def weight_format(weight: Tensor) -> str:
-    return {torch.int8: "int8", torch.uint8: "int4", torch.bfloat16: "bf16", torch.float32: "fp32"}[weight.dtype]
 
 
 def _matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
@@ -192,9 +197,6 @@ def quantize_embedding(model: Transformer, fmt: str = "int8") -> None:
     q = QEmbedding(V, D, emb.dtype, emb.weight.device)
     q.weight, q.scales = pack(emb.weight.data, fmt, 1)
     model.tok_embeddings = q
-
-
-RELEASE_GROUPS = {"wqkv": 1, "wo": 8, "w1": 1, "w2": 8, "w3": 1}
 
 
 def swap_to_int8(model: Transformer, groups: dict[str, int] | None = None) -> None:

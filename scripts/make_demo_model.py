@@ -110,6 +110,7 @@ def stage_export(work: Path, run: Path, tok: Path, threads: int) -> dict:
     evaluate float and int8 against the bigram baseline, sample, plot, and write the summary."""
     import torch
 
+    from grok1.config import resolve_config
     from grok1.engine.generate import generate
     from grok1.engine.sampling import SamplingParams
     from grok1.quant import quantize_model
@@ -118,7 +119,7 @@ def stage_export(work: Path, run: Path, tok: Path, threads: int) -> dict:
     from grok1.train.data import TokenData, bigram_loss, load_shards
     from grok1.train.loop import heldout_loss
     from grok1.train.plot import plot_run, read_log
-    from grok1.weights.load import load_model, resolve_config, save_model
+    from grok1.weights.load import load_model, save_model
 
     torch.set_num_threads(threads)
     final = checkpoint.latest(run)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from grok1.config import ModelConfig
+from grok1.config import ModelConfig, resolve_config
 from grok1.model import Transformer
 from grok1.parallel.dist import Mesh
 from grok1.tokenizer import Tokenizer
-from grok1.weights import safetensors as st
-from grok1.weights.load import load_model, resolve_config
+from grok1.weights.load import load_model
+from grok1.weights.source import detect
 
 # The bundled demo model (package data): what every --checkpoint option means when it is omitted.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "grok-1-mini"
@@ -127,7 +127,7 @@ def config_from_args(args: argparse.Namespace, checkpoint: bool = True) -> Model
         raise ValueError(f"checkpoint directory {args.checkpoint} does not exist")
     cfg = resolve_config(args.checkpoint, args.config, args.preset)
     own_config = Path(args.checkpoint) / "config.json"
-    if (args.config or args.preset) and st.is_checkpoint(args.checkpoint) and own_config.is_file():
+    if (args.config or args.preset) and own_config.is_file() and detect(args.checkpoint) != "release":
         own = resolve_config(args.checkpoint)
         if own != cfg:
             diff = [f"{k} {getattr(own, k)} vs {getattr(cfg, k)}" for k in own.to_dict()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from grok1.weights import convert as conv
 from grok1.weights import safetensors as st
+from grok1.weights.source import open_source
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -52,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.shard_gb <= 0:
         raise ValueError(f"--shard-gb must be positive, got {args.shard_gb}")
-    source = conv.open_source(args.src, args.config, args.preset)
-    dtype = args.dtype or conv.default_dtype(source, args.to)
+    source = open_source(args.src, args.config, args.preset)
+    dtype = args.dtype or conv.default_target_dtype(source, args.to)
     if dtype not in conv.TARGETS[args.to]:
         conv.convert(args.src, args.dst, args.to, dtype)  # raises the clear error before a bar is drawn
     with _bar(conv.planned_bytes(source, args.to, dtype, args.layout)) as bar:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from grok1.cli.common import DEFAULT_CHECKPOINT, config_from_args
 from grok1.config import PRESETS, ModelConfig
-from grok1.weights.load import find_legacy_dir
+from grok1.weights.source import find_release_dir
 
 KIND_NAMES = {"int8": "int8 matrices + bf16 scales", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -47,7 +47,7 @@ def _gb(n: float) -> str:
 def weight_files(ckpt: Path) -> list[Path]:
     """The files that hold a checkpoint's weights: safetensors shards or the release's tensor pickles (not
     trainer_state.pt, tokens, logs or anything else that may sit beside them)."""
-    legacy = find_legacy_dir(ckpt)
+    legacy = find_release_dir(ckpt)
     if legacy is not None:
         return sorted(f for f in legacy.glob("tensor*") if f.is_file())
     return sorted(f for f in ckpt.glob("*.safetensors") if f.is_file())
@@ -55,7 +55,7 @@ def weight_files(ckpt: Path) -> list[Path]:
 
 def weight_kind(ckpt: Path) -> str:
     """How the checkpoint stores its matrices: int8, bfloat16 or float32 (what loading it keeps in memory)."""
-    if find_legacy_dir(ckpt) is not None:
+    if find_release_dir(ckpt) is not None:
         return "int8"
     try:
         raw = json.loads((ckpt / "config.json").read_text())

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from grok1.cli.common import DEFAULT_CHECKPOINT, DefaultsFormatter, positive_int, seed_arg
-from grok1.config import ModelConfig
+from grok1.config import ModelConfig, resolve_config
+from grok1.fileio import write_atomic
 from grok1.model import Transformer, init_weights
 from grok1.tokenizer import Tokenizer
 from grok1.train import lora
@@ -26,8 +27,7 @@ from grok1.train.data import TokenData, cached_tokens, check_utf8, load_shards, 
 from grok1.train.loop import TrainConfig, json_safe, train
 from grok1.train.plot import plot_run
 from grok1.train.tokenizer import train_tokenizer
-from grok1.weights.load import load_model, resolve_config, save_model
-from grok1.weights.safetensors import write_atomic
+from grok1.weights.load import load_model, save_model
 
 # Options that may change when a run is resumed (they do not affect the losses).
 RUNTIME = ("threads", "progress", "resume", "action", "run", "command", "defaults")

@@ -5,7 +5,7 @@
                         plus trainer_state.pt: optimizer, step, data position, RNG states
     RUN/latest          the name of the newest complete step directory; replaced last
 
-Every file is written to a temporary name, fsynced and renamed (weights.safetensors.write_atomic).
+Every file is written to a temporary name, fsynced and renamed (fileio.write_atomic).
 A new step's directory is complete before `latest` points at it, so an interrupted save leaves
 `latest` on the previous checkpoint; older step directories are pruned only after that.
 """
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from grok1.fileio import write_atomic
 from grok1.model import Transformer
 from grok1.train.lora import has_lora, load_adapter_tensors, save_adapters
 from grok1.weights.load import save_model
-from grok1.weights.safetensors import INDEX, open_checkpoint, write_atomic
+from grok1.weights.safetensors import INDEX, open_checkpoint
 
 STATE = "trainer_state.pt"
 LATEST = "latest"

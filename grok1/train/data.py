@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from grok1.fileio import write_atomic
 from grok1.tokenizer import Tokenizer
-from grok1.weights.safetensors import write_atomic
 
 
 def check_utf8(file: str | Path) -> None:

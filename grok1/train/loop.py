@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from grok1.fileio import write_atomic
 from grok1.model import Transformer
 from grok1.train import checkpoint
 from grok1.train.data import DataState, TokenData
 from grok1.train.router import RouterTap, router_losses
-from grok1.weights.safetensors import write_atomic
 
 
 @dataclass(frozen=True)

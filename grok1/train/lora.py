@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from grok1 import quant
 from grok1.config import ModelConfig
+from grok1.fileio import write_atomic
 from grok1.model import Experts, Transformer, route_to_experts
-from grok1.weights.safetensors import write_atomic
 
 TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 GROUPS = {"attention": ("wqkv", "wo"), "experts": ("w1", "w2", "w3"), "all": TARGETS}

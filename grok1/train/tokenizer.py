@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from grok1.weights.safetensors import write_atomic
+from grok1.fileio import write_atomic
 
 NEWLINE_RUNS = ["\n" * n for n in range(1, 11)]
 DIGITS = [str(d) for d in range(10)]

@@ -2,8 +2,8 @@
 
     convert(SRC, DST, to="grok1" | "hf" | "gguf", dtype=None | "int8" | "bf16" | "fp32" | "f16" | "q8_0")
 
-Sources, detected from SRC: the release (`ckpt-0/tensor*_000`, through the safe reader; its config
-from config.json beside it or given), grok1's format, and both HF layouts (`weights/hf.py`).
+Sources, detected and read by `source.open_source`: the release (`ckpt-0/tensor*_000`, through the safe
+reader; its config from config.json beside it or given), grok1's format, and both HF layouts.
 dtype per target: grok1 int8 (quantising float weights with the release's recipe when needed),
 bf16 or fp32 (default: the source's); hf bf16 (default) or fp32; gguf fp32, f16 or q8_0 (default).
 
@@ -12,7 +12,8 @@ read with pread (not mapped, so resident memory does not grow with the model), a
 dequantisation and quantisation run piece by piece (`safetensors.PIECE_BYTES`) straight into a few
 reused write buffers. The next tensor is read on a thread while this one is written, when the two
 together are no bigger than the largest tensor; shards are written with O_DIRECT from a writer
-thread that also hashes them (`safetensors.write_shard`), so reading, converting and writing overlap.
+thread that also hashes them (`safetensors.write_shard`, `fileio.DirectWriter`), so reading, converting
+and writing overlap.
 
 Resume (grok1 and hf targets): shards are planned up front from the config, each written
 atomically; a manifest (`.grok1-convert.json`) records the CRC-32 of every finished shard. A rerun
@@ -39,32 +40,17 @@ import torch
 from torch import Tensor
 
 from grok1.config import ModelConfig
-from grok1.model import Transformer
-from grok1.quant import quantize, unpack
-from grok1.weights import hf, legacy, names
+from grok1.fileio import write_atomic
+from grok1.quant import CONFIG_NAMES, RELEASE_GROUPS, STORAGE_DTYPES, quantize, unpack
+from grok1.weights import gguf, hf, names
 from grok1.weights import safetensors as st
-from grok1.weights.legacy import CheckpointError
-from grok1.weights.load import find_legacy_dir, resolve_config
 from grok1.weights.safetensors import Stream
+from grok1.weights.source import Source, float_pieces, model_shapes, open_source, scale_rows
 
+# --dtype per target: grok1 and hf take weight formats (quant.FORMATS), gguf its own tensor types
 TARGETS = {"grok1": ("int8", "bf16", "fp32"), "hf": ("bf16", "fp32"), "gguf": ("fp32", "f16", "q8_0")}
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "f16": torch.float16}
-KIND_OF = {"int8": "int8", "bf16": "bfloat16", "fp32": "float32"}  # --dtype -> grok1 config "weights"
 MANIFEST = ".grok1-convert.json"
-RELEASE_GROUPS = {"attention.wqkv.weight": 1, "attention.wo.weight": 8, "moe.experts.w1": 1,
-                  "moe.experts.w2": 8, "moe.experts.w3": 1}  # int8 scale groups, as released
 Progress = Callable[[int], object]
-
-
-@dataclass
-class Source:
-    path: Path
-    format: str  # "release", "grok1" or "hf"
-    config: ModelConfig
-    kind: str  # "int8" (weights + scales), "bfloat16" or "float32"
-    read: Callable[[str], tuple[Tensor, Tensor | None]]  # our weight name -> (weight [.., out, in], scales)
-    nbytes: int  # bytes of the source files
-    tokenizer: Path | None
 
 
 @dataclass
@@ -77,102 +63,8 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def _tokenizer_near(path: Path) -> Path | None:
-    return next((p for p in (path / "tokenizer.model", path.parent / "tokenizer.model") if p.is_file()), None)
-
-
-def _files_bytes(path: Path, pattern: str) -> int:
-    return sum(f.stat().st_size for f in path.glob(pattern))
-
-
-def open_source(path: str | Path, config: str | Path | None = None, preset: str | None = None) -> Source:
-    """Detect the format of checkpoint directory `path` and give random access to its tensors."""
-    path = Path(path)
-    if st.is_checkpoint(path) and hf.is_hf_checkpoint(path):
-        cfg, layout, _ = hf.open_hf(path)
-        cache: dict[str, Tensor] = {}  # the tensors' names, for the layout's name lookups (no data read)
-        cache.update(dict.fromkeys(json.loads((path / st.INDEX).read_text())["weight_map"], torch.empty(0)))
-
-        def read_hf(name: str) -> tuple[Tensor, Tensor | None]:
-            parts = {n: st.read_tensor(path, n) for n, _, _ in hf.tensor_names(name, cfg, layout)
-                     if n != names.SGLANG_LM_HEAD}
-            return hf.read_weight(parts, name, cfg, layout), None
-
-        kind = str(st.read_tensor(path, names.column(names.LAYER[3], hf.LAYOUTS[layout], 0)).dtype)
-        return Source(path, "hf", cfg, kind.removeprefix("torch."), read_hf, _files_bytes(path, "*.safetensors"),
-                      _tokenizer_near(path))
-    if st.is_checkpoint(path):
-        cfg, kind = st.read_config(path)
-        weight_map = json.loads((path / st.INDEX).read_text())["weight_map"]
-
-        def read_grok1(name: str) -> tuple[Tensor, Tensor | None]:
-            _layer, rel = names.split_layer(name)
-            scales = name.removesuffix(rel) + names.SCALES.get(rel, "")
-            return st.read_tensor(path, name), st.read_tensor(path, scales) if scales in weight_map else None
-
-        return Source(path, "grok1", cfg, kind, read_grok1, _files_bytes(path, "*.safetensors"), _tokenizer_near(path))
-    root = find_legacy_dir(path)
-    if root is None:
-        raise CheckpointError(f"{path}: not a Grok-1 checkpoint directory (expected the release's "
-                              f"ckpt-0/tensor00000_000, grok1's {st.INDEX}, or an HF layout)")
-    cfg = resolve_config(path, config, preset)
-    if len(list(root.glob("tensor*_000"))) != len(legacy.reference_paths(cfg)):
-        legacy.read_checkpoint(root, cfg)  # raises the file-count error naming the config
-
-    def read_release(name: str) -> tuple[Tensor, Tensor | None]:
-        parts = []
-        for ref_path, row in names.to_reference(name):
-            obj = legacy.read_path(root, ref_path, cfg)
-            if isinstance(obj, legacy.QuantizedWeight8bit):
-                w, s = torch.from_numpy(obj.weight), torch.from_numpy(obj.scales.view(np.int16)).view(torch.bfloat16)
-            else:
-                w, s = torch.from_numpy(obj), None
-            parts.append((w.transpose(-1, -2) if row.transpose else w, s))  # a view: copied piece by piece
-        if len(parts) == 1:
-            return parts[0]
-        if len({s.shape[-2] for _, s in parts if s is not None}) > 1:
-            raise CheckpointError(f"{root}: query/key/value of {name} have different scale group counts")
-        return torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts if s is not None], dim=-1)
-
-    return Source(path, "release", cfg, "int8", read_release, _files_bytes(root, "tensor*_000"), _tokenizer_near(path))
-
-
-def unit_names(cfg: ModelConfig) -> list[str]:
-    """Our weight names in model order (int8 scales travel with their weight)."""
-    layer = list(dict.fromkeys(r.ours for r in names.LAYER))
-    return ["tok_embeddings.weight", *(f"layers.{i}.{rel}" for i in range(cfg.n_layers) for rel in layer), "norm.weight"]
-
-
-def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        return {n: tuple(t.shape) for n, t in Transformer(cfg).state_dict().items()}
-
-
 def is_matrix(name: str) -> bool:
     return names.split_layer(name)[1] in names.SCALES
-
-
-def float_pieces(w: Tensor, s: Tensor | None, dtype: torch.dtype, max_bytes: int = st.PIECE_BYTES // 4) -> Iterator[Tensor]:
-    """The dense weight in dtype, piece by piece in C order (dequantised when s holds int8/int4 scales)."""
-    if s is None or not s.numel():
-        for p in st.pieces(w, max_bytes):
-            yield p.to(dtype)
-        return
-    if w.dim() > 2:
-        for e in range(w.shape[0]):
-            yield from float_pieces(w[e], s[e], dtype, max_bytes)
-        return
-    rows = max(1, max_bytes // (4 * w.shape[-1] * (2 if w.dtype == torch.uint8 else 1)))
-    for r in range(0, w.shape[0], rows):
-        sp = s[:, r:r + rows] if w.dtype == torch.int8 else s[r:r + rows]  # int8 [G, out], int4 [out, blocks]
-        yield dequantize_int8(w[r:r + rows], sp).to(dtype) if w.dtype == torch.int8 else unpack(w[r:r + rows], sp, dtype)
-
-
-def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
-    """quant.dequantize(q, s, float32) (exact int8 * scale products) by broadcasting the [G, out] scales
-    over groups of inputs instead of expanding them: the same values, half the passes over memory."""
-    groups = s.shape[-2]
-    return (q.unflatten(-1, (groups, q.shape[-1] // groups)).float() * s.float().transpose(-1, -2)[..., None]).flatten(-2)
 
 
 def _int8_streams(w: Tensor, s: Tensor | None, groups: int) -> tuple[Stream, Stream]:
@@ -197,11 +89,6 @@ def _int8_streams(w: Tensor, s: Tensor | None, groups: int) -> tuple[Stream, Str
     return Stream(torch.int8, tuple(w.shape), quantised()), Stream(torch.bfloat16, tuple(scales.shape), iter([scales]))
 
 
-def scale_rows(s: Tensor, w: Tensor, r: int, rows: int) -> Tensor:
-    """The scales of output rows r .. r + rows of weight w (int8 scales [G, out], int4 [out, blocks])."""
-    return s[:, r:r + rows] if w.dtype == torch.int8 else s[r:r + rows]
-
-
 def _out_dtype(name: str, dtype: str, source_dtype: torch.dtype) -> torch.dtype:
     """Output dtype of a float tensor: norms and router stay float32, the embedding follows dtype
     (int8: kept as stored), matrices follow dtype."""
@@ -210,14 +97,19 @@ def _out_dtype(name: str, dtype: str, source_dtype: torch.dtype) -> torch.dtype:
         return torch.float32
     if dtype == "int8":
         return source_dtype
-    return DTYPES[dtype]
+    return STORAGE_DTYPES[dtype]
+
+
+def _release_groups(name: str) -> int:
+    """The release's int8 scale-group count of one of our matrices (quant.RELEASE_GROUPS)."""
+    return RELEASE_GROUPS[names.split_layer(name)[1].removesuffix(".weight").rsplit(".", 1)[-1]]
 
 
 def _grok1_streams(name: str, dtype: str, w: Tensor, s: Tensor | None) -> Iterator[tuple[str, Stream]]:
     if is_matrix(name) and dtype == "int8":
-        ws, ss = _int8_streams(w, s, RELEASE_GROUPS[names.split_layer(name)[1]])
+        ws, ss = _int8_streams(w, s, _release_groups(name))
         yield name, ws
-        yield name.removesuffix(names.split_layer(name)[1]) + names.SCALES[names.split_layer(name)[1]], ss
+        yield names.scales_name(name), ss
         return
     out = _out_dtype(name, dtype, w.dtype if s is None else torch.float32)
     yield name, Stream(out, tuple(w.shape), float_pieces(w, s, out))
@@ -240,16 +132,15 @@ def _hf_streams(cfg: ModelConfig, name: str, dtype: str, layout: str, w: Tensor,
 def _ndims(name: str, target: str, dtype: str, cfg: ModelConfig, shapes: dict, layout: str) -> dict[str, int]:
     if target == "hf":
         return {n: len(shapes[name]) - (expert is not None) for n, _, expert in hf.tensor_names(name, cfg, layout)}
-    rel = names.split_layer(name)[1]
-    scales = {name.removesuffix(rel) + names.SCALES[rel]: len(shapes[name])} if is_matrix(name) and dtype == "int8" else {}
+    scales = {names.scales_name(name): len(shapes[name])} if is_matrix(name) and dtype == "int8" else {}
     return {name: len(shapes[name])} | scales
 
 
 def _planned_bytes(name: str, dtype: str, shapes: dict, target: str, layout: str) -> int:
     n = int(np.prod(shapes[name]))
     if is_matrix(name):  # int8: + bf16 scales, in the release's groups
-        scales = 2 * n // shapes[name][-1] * RELEASE_GROUPS[names.split_layer(name)[1]] if dtype == "int8" else 0
-        return n * {"int8": 1, "bf16": 2, "fp32": 4}[dtype] + scales
+        scales = 2 * n // shapes[name][-1] * _release_groups(name) if dtype == "int8" else 0
+        return n * STORAGE_DTYPES[dtype].itemsize + scales
     size = n * (4 if dtype in ("fp32", "int8") or not name.endswith("embeddings.weight") else 2)
     return 2 * size if target == "hf" and layout == "sglang" and name == "tok_embeddings.weight" else size
 
@@ -275,11 +166,11 @@ def _stale_shards(out: Path, keep: set[str]) -> list[Path]:
 
 def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str = "vllm",
                     max_shard_bytes: int = 2 << 30, progress: Progress | None = None,
-                    verify: bool = True, tokenizer: Path | None = None) -> Result:
-    """Write src as grok1's format or an HF layout in `out`, resumably (module doc)."""
+                    tokenizer: Path | None = None) -> Result:
+    """Write src as grok1's format or an HF layout in `out`, resumably (module doc); `convert` verifies it."""
     cfg, result = src.config, Result(out)
     shapes = model_shapes(cfg)
-    units = unit_names(cfg)
+    units = names.unit_names(cfg)
     plan = st.plan_shards({u: _planned_bytes(u, dtype, shapes, target, layout) for u in units}, max_shard_bytes)
     key = {"source": str(src.path.resolve()), "source_format": src.format, "to": target, "dtype": dtype,
            "layout": layout if target == "hf" else None, "config": cfg.to_dict(), "plan": plan}
@@ -290,7 +181,6 @@ def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str
     files = [st.shard_name(i, len(plan)) for i in range(len(plan))]
     for stale in _stale_shards(out, set(files)):
         stale.unlink()
-    start = time.perf_counter()
     weight_map: dict[str, str] = {}
     sha: dict[str, str] = {}
     todo = []
@@ -322,24 +212,19 @@ def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str
         except OSError as e:
             raise OSError(e.errno, f"cannot write {file} ({e.strerror or e}); nothing half-written is left, "
                           f"{len(done)} finished shards are kept: free space and rerun to resume") from None
-        st.write_atomic(out / MANIFEST, json.dumps({"key": key, "done": done}).encode())
+        write_atomic(out / MANIFEST, json.dumps({"key": key, "done": done}).encode())
         result.bytes_written += file.stat().st_size
     tokenizer = tokenizer or src.tokenizer
     if target == "grok1":
-        st.write_config(out, cfg, KIND_OF[dtype])
+        st.write_config(out, cfg, CONFIG_NAMES[dtype])
     else:
-        text = json.dumps(hf.hf_config(cfg, layout, DTYPES[dtype]), indent=2) + "\n"
-        st.write_atomic(out / "config.json", text.encode())
+        text = json.dumps(hf.hf_config(cfg, layout, STORAGE_DTYPES[dtype]), indent=2) + "\n"
+        write_atomic(out / "config.json", text.encode())
         result.notes = hf.compat_notes(cfg)
     st.copy_tokenizer(tokenizer, out)
     total = sum((out / f).stat().st_size - st.read_header(out / f)[1] for f in files)
     st.write_index(out, weight_map, total, sha)
     (out / MANIFEST).unlink(missing_ok=True)
-    result.convert_s = time.perf_counter() - start
-    if verify:
-        start = time.perf_counter()
-        st.verify_checkpoint(out)
-        result.verify_s = time.perf_counter() - start
     return result
 
 
@@ -353,16 +238,16 @@ def _read_manifest(file: Path) -> dict:
 def planned_bytes(src: Source, target: str, dtype: str, layout: str = "vllm") -> int:
     """Bytes of tensor data the conversion will write (for a progress bar)."""
     if target == "gguf":
-        from grok1.weights import gguf
-
         return sum(gguf.nbytes(shape, qtype) for _, _, _, shape, qtype in gguf.plan(src.config, dtype))
     shapes = model_shapes(src.config)
-    return sum(_planned_bytes(u, dtype, shapes, target, layout) for u in unit_names(src.config))
+    return sum(_planned_bytes(u, dtype, shapes, target, layout) for u in names.unit_names(src.config))
 
 
-def default_dtype(src: Source, target: str) -> str:
+def default_target_dtype(src: Source, target: str) -> str:
+    """The --dtype a conversion to `target` takes when none is given: grok1 keeps the source's weight format
+    (int4 becomes the release's int8), hf bf16, gguf q8_0."""
     if target == "grok1":
-        return {"int8": "int8", "bfloat16": "bf16", "float32": "fp32"}.get(src.kind, "int8")
+        return src.weights if src.weights in TARGETS["grok1"] else "int8"
     return {"hf": "bf16", "gguf": "q8_0"}[target]
 
 
@@ -373,7 +258,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; valid: {', '.join(TARGETS)}")
     source = open_source(src, config, preset)
-    dtype = dtype or default_dtype(source, to)
+    dtype = dtype or default_target_dtype(source, to)
     if dtype not in TARGETS[to]:
         hint = (" (vLLM and SGLang load bf16: int8 weights are dequantised exactly to bf16, the reference's own "
                 "bf16 weights; keep int8 in grok1's format)") if to == "hf" and dtype == "int8" else ""
@@ -381,9 +266,16 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
                          f"{', '.join(TARGETS[to])}{hint}")
     if layout not in hf.LAYOUTS:
         raise ValueError(f"unknown HF layout {layout!r}; valid: {', '.join(hf.LAYOUTS)}")
-    tok = Path(tokenizer) if tokenizer else None
+    out, tok = Path(dst), Path(tokenizer) if tokenizer else None
+    start = time.perf_counter()
     if to == "gguf":
-        from grok1.weights import gguf  # gguf imports this module
-
-        return gguf.export(source, Path(dst), dtype, tok or source.tokenizer, progress, verify)
-    return convert_sharded(source, Path(dst), to, dtype, layout, max_shard_bytes, progress, verify, tok)
+        result = Result(out)
+        result.bytes_written, result.notes = gguf.export(source, out, dtype, tok or source.tokenizer, progress)
+    else:
+        result = convert_sharded(source, out, to, dtype, layout, max_shard_bytes, progress, tok)
+    result.convert_s = time.perf_counter() - start
+    if verify:
+        start = time.perf_counter()
+        gguf.check(out, gguf.plan(source.config, dtype)) if to == "gguf" else st.verify_checkpoint(out)
+        result.verify_s = time.perf_counter() - start
+    return result

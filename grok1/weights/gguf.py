@@ -1,8 +1,8 @@
 """GGUF export for llama.cpp (and ollama, LM Studio, which use it): the "grok" architecture.
 
 Written with the `gguf` package's GGUFWriter: header, metadata and tensor infos first, then tensor
-data streamed piece by piece (memory: one source tensor), into `FILE.tmp`, renamed when complete,
-then re-opened with gguf's GGUFReader to check every tensor's name, type and shape.
+data streamed piece by piece (memory: one source tensor), into `FILE.tmp`, renamed when complete;
+`check` re-opens it with gguf's GGUFReader to check every tensor's name, type and shape.
 
 Tensors (names.py, column "gguf"; numpy shapes equal ours): `token_embd`, `output_norm`, and per
 layer `blk.{i}.` `attn_norm` (pre-attention), `attn_q` / `attn_k` / `attn_v` (our wqkv split),
@@ -45,7 +45,7 @@ not load there (`notes` say so).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gguf
@@ -55,7 +55,7 @@ from torch import Tensor
 
 from grok1.config import ModelConfig
 from grok1.weights import hf, names
-from grok1.weights.convert import Progress, Result, Source, float_pieces, model_shapes, scale_rows, unit_names
+from grok1.weights.source import Source, float_pieces, fuse, model_shapes, scale_rows
 
 ARCH = "grok"
 QK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]  # 32 values per Q8_0 block
@@ -83,7 +83,7 @@ def plan(cfg: ModelConfig, dtype: str) -> list[tuple[str, str, int | None, tuple
     """[(GGUF name, our name, wqkv part, shape, type)] in file order."""
     shapes, rows = model_shapes(cfg), hf.part_rows(cfg)
     out = []
-    for unit in unit_names(cfg):
+    for unit in names.unit_names(cfg):
         layer, _ = names.split_layer(unit)
         for row in names.rows(unit):
             shape = shapes[unit]
@@ -160,28 +160,25 @@ def _encode(pieces: Iterator[Tensor], qtype: gguf.GGMLQuantizationType) -> Itera
             yield a if qtype == _T.F32 else a.astype(np.float16)
 
 
-def export(src: Source, out: Path, dtype: str, tokenizer: Path | None, progress: Progress | None = None,
-           verify: bool = True) -> Result:
-    """Write src as one GGUF file `out` (f32, f16 or q8_0)."""
-    import time
-
-    cfg, result = src.config, Result(out)
+def export(src: Source, out: Path, dtype: str, tokenizer: Path | None,
+           progress: Callable[[int], object] | None = None) -> tuple[int, list[str]]:
+    """Write src as one GGUF file `out` (f32, f16 or q8_0); returns (tensor bytes written, notes for the user)."""
+    cfg, written_total, notes = src.config, 0, []
     if cfg.dim != cfg.n_heads * cfg.head_dim:
-        result.notes.append(f"llama.cpp needs embedding_length ({cfg.dim}) == head_count x key_length "
+        notes.append(f"llama.cpp needs embedding_length ({cfg.dim}) == head_count x key_length "
                             f"({cfg.n_heads * cfg.head_dim}): this file will not load there")
     tensors = plan(cfg, dtype)
     fallback = sorted({n.split(".", 2)[-1] for n, _, _, s, t in tensors if dtype == "q8_0" and len(s) > 1
                        and not n.endswith("gate_inp.weight") and t != _T.Q8_0})
     if fallback:
-        result.notes.append(f"Q8_0 needs rows that are a multiple of {QK}: {', '.join(fallback)} written as F16")
-    start = time.perf_counter()
+        notes.append(f"Q8_0 needs rows that are a multiple of {QK}: {', '.join(fallback)} written as F16")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     w = gguf.GGUFWriter(tmp, ARCH)
     try:
         _add_metadata(w, cfg, dtype)
         if tokenizer is not None and (note := _add_vocab(w, cfg, tokenizer)):
-            result.notes.append(note)
+            notes.append(note)
         for name, _, _, shape, qtype in tensors:
             w.add_tensor_info(name, shape, np.dtype(np.float16 if qtype == _T.F16 else np.float32),
                               nbytes(shape, qtype), raw_dtype=None if qtype in (_T.F32, _T.F16) else qtype)
@@ -208,7 +205,7 @@ def export(src: Source, out: Path, dtype: str, tokenizer: Path | None, progress:
                     progress(data.nbytes)
             assert written == nbytes(shape, qtype), (name, written, nbytes(shape, qtype))
             w.write_padding(f, written)
-            result.bytes_written += written
+            written_total += written
         f.flush()
         os.fsync(f.fileno())
         w.close()
@@ -217,12 +214,7 @@ def export(src: Source, out: Path, dtype: str, tokenizer: Path | None, progress:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    result.convert_s = time.perf_counter() - start
-    if verify:
-        start = time.perf_counter()
-        check(out, tensors)
-        result.verify_s = time.perf_counter() - start
-    return result
+    return written_total, notes
 
 
 def check(file: Path, tensors: list) -> None:
@@ -252,4 +244,4 @@ def read(file: str | Path) -> tuple[dict, dict[str, Tensor]]:
             t = by_name[names.column(row, "gguf", layer)]
             data = gguf.quants.dequantize(t.data, t.tensor_type)
             ours.setdefault(unit, []).append(torch.from_numpy(np.array(data, dtype=np.float32)))
-    return meta, {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in ours.items()}
+    return meta, {k: fuse([(t, None) for t in v], f"{file}: {k}")[0] for k, v in ours.items()}

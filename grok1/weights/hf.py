@@ -39,15 +39,11 @@ How the ports differ from the reference (what `compat_notes` reports for a confi
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from grok1.config import ModelConfig
 from grok1.weights import names
-from grok1.weights import safetensors as st
 
 LAYOUTS = {"vllm": "hf", "sglang": "sglang"}  # layout -> names.py column
 ARCHITECTURES = {"vllm": "Grok1ModelForCausalLM", "sglang": "Grok1ForCausalLM"}
@@ -129,29 +125,3 @@ def detect_layout(tensors: dict[str, Tensor] | set[str]) -> str:
             return layout
     raise ValueError("not a Grok-1 HF layout: no model.layers.0.attn.q_proj.weight (vLLM) or "
                      "model.layers.0.self_attn.q_proj.weight (SGLang)")
-
-
-def is_hf_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    if not (path / st.INDEX).is_file() or not (path / "config.json").is_file():
-        return False
-    return json.loads((path / "config.json").read_text()).get("model_type") == "grok-1"
-
-
-def open_hf(path: str | Path) -> tuple[ModelConfig, str, dict[str, Tensor]]:
-    """(config, layout, memory-mapped tensors) of an HF-layout directory."""
-    path = Path(path)
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
-    tensors = st.open_checkpoint(path)
-    return cfg, detect_layout(tensors), tensors
-
-
-def read_weight(tensors: dict[str, Tensor], name: str, cfg: ModelConfig, layout: str) -> Tensor:
-    """One of our weights from HF tensors: q/k/v concatenated, experts stacked (a copy); else a view."""
-    try:
-        got = [tensors[n] for n, _, _ in tensor_names(name, cfg, layout) if n != names.SGLANG_LM_HEAD]
-    except KeyError as e:
-        raise ValueError(f"HF checkpoint lacks tensor {e.args[0]} (for our {name})") from None
-    if len(got) == 1:
-        return got[0]
-    return torch.stack(got) if "experts" in name else torch.cat(got)

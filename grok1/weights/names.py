@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from grok1.config import ModelConfig
+
 
 @dataclass(frozen=True)
 class Row:
@@ -92,7 +94,7 @@ SCALES = {"attention.wqkv.weight": "attention.wqkv.scales", "attention.wo.weight
 
 @dataclass(frozen=True)
 class Entry:
-    """One release path seen from our side (what `load.legacy_tensors` needs)."""
+    """One release path seen from our side (`from_reference`)."""
 
     ours: str  # weight name, relative to `layers.{i}.` for layer entries
     scales: str | None  # our scales name for int8 matrices, else None
@@ -118,6 +120,18 @@ def from_reference(path: str) -> tuple[str, str | None, Entry]:
             prefix = f"layers.{int(layer)}."
             return prefix + e.ours, (prefix + e.scales) if e.scales else None, e
     raise KeyError(f"unknown Grok-1 reference parameter path {path!r}")
+
+
+def unit_names(cfg: ModelConfig) -> list[str]:
+    """Our weight names in model order (an int8 matrix's scales travel with their weight: `scales_name`)."""
+    layer = list(dict.fromkeys(r.ours for r in LAYER))
+    return ["tok_embeddings.weight", *(f"layers.{i}.{rel}" for i in range(cfg.n_layers) for rel in layer), "norm.weight"]
+
+
+def scales_name(name: str) -> str | None:
+    """Our full scales name of an int8 matrix's full weight name, or None for a tensor without scales."""
+    _, rel = split_layer(name)
+    return name.removesuffix(rel) + SCALES[rel] if rel in SCALES else None
 
 
 def split_layer(name: str) -> tuple[int | None, str]:

@@ -5,7 +5,8 @@
     DIR/model.safetensors.index.json       {"metadata": {"total_size": N}, "weight_map": {name: shard}}
     DIR/tokenizer.model                    when known
 
-KIND is "int8" (the release's int8 weights + bf16 scales, as released), "bfloat16" or "float32".
+KIND is a weight format (quant.FORMATS) as config.json spells it (quant.CONFIG_NAMES): "int8" (the
+release's int8 weights + bf16 scales, as released), "int4", "bfloat16" or "float32".
 Every file is written to a temporary name, fsynced and renamed, and the index is written last,
 so a directory with an index is complete. Loading maps each shard into memory (copy-on-write,
 nothing read until used) and hands out tensors that share the mapping.
@@ -13,8 +14,8 @@ nothing read until used) and hands out tensors that share the mapping.
 Shards are written as a stream (`write_shard`): tensor data goes to disk piece by piece, so
 writing needs memory for one piece, not one shard; the safetensors header is written last into
 space reserved for it (padded with spaces, as the format allows). The index records, per shard,
-the CRC-32 of its data (the bytes after the header), computed from memory while writing;
-`verify_checkpoint` re-reads the shards against it.
+the CRC-32 of its data (the bytes after the header), computed from memory while writing
+(`fileio.DirectWriter`); `verify_checkpoint` re-reads the shards against it.
 
 Layout for tensor parallelism: tensors are [.., out, in] and C-contiguous, each wholly inside one
 shard at an offset the header gives, so a rank reads only its slice (`read_slice`): a contiguous
@@ -24,16 +25,11 @@ split (`names.tp_split_axis` says which axis each tensor splits on).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import mmap
 import os
-import queue
 import struct
-import sys
-import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,33 +38,15 @@ import torch
 from torch import Tensor
 
 from grok1.config import ModelConfig
+from grok1.fileio import ALIGN, DirectWriter, crc32, write_atomic
+from grok1.quant import CONFIG_NAMES
 
 INDEX = "model.safetensors.index.json"
-WEIGHT_KINDS = ("int8", "int4", "bfloat16", "float32")
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
            "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 PIECE_BYTES = 64 << 20  # tensors are written (and converted) in pieces of at most this many bytes
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / INDEX).is_file()
-
-
-def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write to `path.tmp`, fsync, rename: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.writelines([data] if isinstance(data, bytes) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass
@@ -101,9 +79,6 @@ def as_stream(t: Tensor) -> Stream:
     return Stream(t.dtype, tuple(t.shape), pieces(t))
 
 
-ALIGN = 4096  # O_DIRECT granularity: tensor data starts at a multiple of it and is written in multiples
-
-
 def _header_reserve(names: list[str], ndims: list[int]) -> int:
     """Header bytes that surely hold the JSON header of these tensors, whatever their shapes and offsets,
     rounded so that the data starts at a multiple of ALIGN."""
@@ -111,100 +86,6 @@ def _header_reserve(names: list[str], ndims: list[int]) -> int:
     header = {"__metadata__": {"format": "pt"}} | {
         n: {"dtype": "BOOL", "shape": [big] * d, "data_offsets": [big, big]} for n, d in zip(names, ndims)}
     return -(-(8 + len(json.dumps(header, separators=(",", ":")))) // ALIGN) * ALIGN - 8
-
-
-class _Sink:
-    """Tensor data -> file at `start`, written and hashed on a background thread.
-
-    Each piece is copied (transposed, cast) straight into one of a few reused page-aligned buffers,
-    then the writer thread writes whole ALIGN-blocks with O_DIRECT where the file system allows it
-    (no page cache: on a VM whose fresh memory is slow to touch, and for outputs larger than RAM,
-    that is faster) and hashes them; the bytes short of a block move on to the next buffer. Making
-    the next piece overlaps with writing this one. Writes and crc32 release the GIL."""
-
-    def __init__(self, file: Path, start: int, buffers: int = 3) -> None:
-        self.fd = os.open(file, os.O_WRONLY)
-        try:
-            self.direct = os.open(file, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
-        except OSError:  # e.g. tmpfs: buffered writes
-            self.direct = os.dup(self.fd)
-        self.cap = PIECE_BYTES + ALIGN
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(buffers):
-            self.free.put(mmap.mmap(-1, self.cap))  # page-aligned, touched once, reused
-        self.buf, self.fill, self.pos = self.free.get(), 0, start
-        self.crc = 0
-        self.error: Exception | None = None
-        self.todo: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.todo.get()) is not None:
-            buf, n = job
-            if self.error is None:
-                try:
-                    view, done = memoryview(buf)[:n], 0
-                    while done < n:
-                        done += os.pwrite(self.direct, view[done:], self.pos + done)
-                    self.pos += n
-                    self.crc = zlib.crc32(view, self.crc)
-                except Exception as e:  # noqa: BLE001 -- any failure must reach the producer
-                    self.error = e
-            self.free.put(buf)
-
-    def put(self, piece: Tensor, dtype: torch.dtype) -> int:
-        """Copy a piece (any strides) into the stream as dtype; returns its byte count."""
-        if self.error is not None:
-            raise self.error
-        item = torch.tensor([], dtype=dtype).element_size()
-        n = piece.numel() * item
-        if not n:
-            return 0
-        if n > self.cap - self.fill or self.fill % item:  # an oversized row, or an odd offset: go through bytes
-            data = piece.to(dtype).contiguous().reshape(-1).view(torch.uint8)
-            for i in range(0, n, PIECE_BYTES):
-                self._put_bytes(data[i:i + PIECE_BYTES])
-            return n
-        dst = torch.frombuffer(self.buf, dtype=torch.uint8, count=n, offset=self.fill)
-        dst.view(dtype).view(piece.shape).copy_(piece)
-        self.fill += n
-        self._ship()
-        return n
-
-    def _put_bytes(self, data: Tensor) -> None:
-        n = min(data.numel(), self.cap - self.fill)
-        torch.frombuffer(self.buf, dtype=torch.uint8, count=n, offset=self.fill).copy_(data[:n])
-        self.fill += n
-        self._ship()
-        if n < data.numel():
-            self._put_bytes(data[n:])
-
-    def _ship(self) -> None:
-        """Hand the whole blocks to the writer; keep the rest in a fresh buffer."""
-        whole = self.fill - self.fill % ALIGN
-        if not whole:
-            return
-        buf, rest = self.buf, self.fill - whole
-        self.todo.put((buf, whole))
-        self.buf = self.free.get()
-        self.buf[:rest] = buf[whole:self.fill]  # the writer only reads [0, whole) of the old buffer
-        self.fill = rest
-
-    def close(self) -> str:
-        """Finish: the last partial block (buffered write); the CRC-32 of all data (8 hex digits)."""
-        try:
-            self.todo.put(None)
-            self.thread.join()
-            if self.error is not None:
-                raise self.error
-            tail = memoryview(self.buf)[:self.fill]
-            if os.pwrite(self.fd, tail, self.pos) != len(tail):
-                raise OSError(f"short write at the end of {self.fd}")
-            return f"{zlib.crc32(tail, self.crc):08x}"
-        finally:
-            os.close(self.direct)
-            os.close(self.fd)
 
 
 def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[str, int],
@@ -217,7 +98,7 @@ def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[s
     tmp = file.with_name(file.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            sink = _Sink(tmp, 8 + reserve)
+            sink = DirectWriter(tmp, 8 + reserve, PIECE_BYTES)
             try:
                 offset = 0
                 for name, stream in tensors:
@@ -250,9 +131,9 @@ def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[s
     return checksum
 
 
-def write_index(out: Path, weight_map: dict[str, str], total: int, crc32: dict[str, str]) -> None:
+def write_index(out: Path, weight_map: dict[str, str], total: int, checksums: dict[str, str]) -> None:
     """The index, written last: its presence marks a complete checkpoint."""
-    index = {"metadata": {"total_size": total, "crc32": dict(sorted(crc32.items()))}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": total, "crc32": dict(sorted(checksums.items()))}, "weight_map": weight_map}
     write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
 
 
@@ -287,22 +168,22 @@ def save_checkpoint(tensors: dict[str, Tensor], cfg: ModelConfig, out_dir: str |
                     tokenizer: str | Path | None = None, max_shard_bytes: int = 2 << 30,
                     extra: dict | None = None) -> Path:
     """Write `tensors` (our names) as a grok1 checkpoint in `out_dir`; returns the directory."""
-    if weights not in WEIGHT_KINDS:
-        raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
+    if weights not in CONFIG_NAMES.values():
+        raise ValueError(f"weights must be one of {tuple(CONFIG_NAMES.values())}, got {weights!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX).unlink(missing_ok=True)  # the directory is incomplete until the index is back
     tensors = {name: t.detach().cpu() for name, t in tensors.items()}
     shards = plan_shards({n: t.numel() * t.element_size() for n, t in tensors.items()}, max_shard_bytes)
-    weight_map, crc32 = {}, {}
+    weight_map, checksums = {}, {}
     for i, shard in enumerate(shards):
         fname = shard_name(i, len(shards))
         streams = ((n, as_stream(tensors[n])) for n in shard)
-        crc32[fname] = write_shard(out / fname, streams, {n: tensors[n].dim() for n in shard})
+        checksums[fname] = write_shard(out / fname, streams, {n: tensors[n].dim() for n in shard})
         weight_map.update(dict.fromkeys(shard, fname))
     write_config(out, cfg, weights, extra)
     copy_tokenizer(tokenizer, out)
-    write_index(out, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()), crc32)
+    write_index(out, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()), checksums)
     return out
 
 
@@ -344,88 +225,47 @@ def open_shard(file: str | Path) -> dict[str, Tensor]:
     return out
 
 
-def release_pages(t: Tensor) -> None:
-    """Drop the pages of a tensor handed out by `open_shard` once it is no longer needed (e.g. copied into
-    another layout): the memory map lives as long as any tensor of its shard, so without this a model
-    rebuilt from the mapped weights holds them twice. Only whole pages inside t, only where they belong to a
-    private file mapping (dropped pages read back from the file if touched); a no-op elsewhere and off Linux."""
-    if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous() or not t.numel():
-        return
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if end <= start or not _in_private_file_mapping(start, end):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
-
-
-def _in_private_file_mapping(start: int, end: int) -> bool:
-    """Whether [start, end) lies inside one private mapping of a file (/proc/self/maps)."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        if lo <= start and end <= hi:
-            return fields[1].endswith("p") and len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
-    return False
-
-
 def read_config(path: str | Path) -> tuple[ModelConfig, str]:
-    """(ModelConfig, weight kind) of a grok1 checkpoint directory."""
+    """(ModelConfig, weight kind as config.json spells it) of a grok1 checkpoint directory."""
     file = Path(path) / "config.json"
     try:
         raw = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {file}: {e}") from None
     kind = raw.get("grok1", {}).get("weights")
-    if kind not in WEIGHT_KINDS:
-        raise ValueError(f"{file}: missing or unknown grok1.weights {kind!r} (expected one of {WEIGHT_KINDS})")
+    if kind not in CONFIG_NAMES.values():
+        raise ValueError(f"{file}: missing or unknown grok1.weights {kind!r} "
+                         f"(expected one of {tuple(CONFIG_NAMES.values())})")
     return ModelConfig.from_dict(raw, source=str(file)), kind
 
 
-def open_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Every tensor of a grok1 checkpoint directory, memory-mapped."""
-    path = Path(path)
+def read_index(path: str | Path) -> dict:
+    """The index of a checkpoint directory (grok1's or an HF layout): {"metadata": .., "weight_map": {name: shard}}."""
+    file = Path(path) / INDEX
     try:
-        index = json.loads((path / INDEX).read_text())
+        return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path / INDEX}: {e}") from None
+        raise ValueError(f"cannot read {file}: {e}") from None
+
+
+def open_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint directory, memory-mapped."""
+    path = Path(path)
+    weight_map = read_index(path)["weight_map"]
     tensors: dict[str, Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
+    for shard in sorted(set(weight_map.values())):
         if not (path / shard).is_file():
             raise ValueError(f"{path}: shard {shard} named in {INDEX} is missing")
         tensors.update(open_shard(path / shard))
-    missing = set(index["weight_map"]) - set(tensors)
+    missing = set(weight_map) - set(tensors)
     if missing:
         raise ValueError(f"{path}: {INDEX} lists tensors no shard holds: {', '.join(sorted(missing)[:5])}")
     return tensors
 
 
 def data_checksum(file: Path, progress: Callable[[int], object] | None = None) -> str:
-    """CRC-32 of a shard's data (the bytes after its header), read from the disk with O_DIRECT where
-    the file system allows it (a true re-read, and no page cache filled with the model)."""
-    _, start = read_header(file)
-    crc = 0
-    buf = mmap.mmap(-1, 16 << 20)  # page-aligned
-    try:
-        fd = os.open(file, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        fd = os.open(file, os.O_RDONLY)
-    try:
-        pos = start - start % ALIGN  # O_DIRECT reads whole blocks: skip the header's part of the first one
-        skip = start - pos
-        while n := os.preadv(fd, [buf], pos):
-            crc = zlib.crc32(memoryview(buf)[skip:n], crc)
-            if progress is not None:
-                progress(n - skip)
-            pos, skip = pos + n, 0
-    finally:
-        os.close(fd)
-    return f"{crc:08x}"
+    """CRC-32 of a shard's data (the bytes after its header), re-read from the disk (fileio.crc32)."""
+    return crc32(file, read_header(file)[1], progress)
 
 
 def verify_checkpoint(path: str | Path, progress: Callable[[int], object] | None = None) -> None:
@@ -433,10 +273,7 @@ def verify_checkpoint(path: str | Path, progress: Callable[[int], object] | None
     parses, holds the tensors the index puts there, and the data's CRC-32 matches the recorded one.
     Raises ValueError naming the first bad shard."""
     path = Path(path)
-    try:
-        index = json.loads((path / INDEX).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path / INDEX}: {e}") from None
+    index = read_index(path)
     recorded = index.get("metadata", {}).get("crc32", {})
     for shard in sorted(set(index["weight_map"].values())):
         file = path / shard
@@ -458,7 +295,7 @@ def read_slice(path: str | Path, name: str, axis: int, start: int, stop: int) ->
     """Read tensor `name`[..., start:stop, ...] (slice along `axis`) from a checkpoint directory, reading
     only the bytes of the slice from its shard (what a tensor-parallel rank needs)."""
     path = Path(path)
-    shard = json.loads((path / INDEX).read_text())["weight_map"][name]
+    shard = read_index(path)["weight_map"][name]
     header, data_start = read_header(path / shard)
     info = header[name]
     shape, dtype = info["shape"], _DTYPES[info["dtype"]]
@@ -481,7 +318,7 @@ def read_slice(path: str | Path, name: str, axis: int, start: int, stop: int) ->
 
 def read_tensor(path: str | Path, name: str) -> Tensor:
     """One whole tensor of a checkpoint directory, read with pread into fresh memory (not mapped)."""
-    shard = json.loads((Path(path) / INDEX).read_text())["weight_map"][name]
+    shard = read_index(path)["weight_map"][name]
     header, _ = read_header(Path(path) / shard)
     shape = header[name]["shape"]
     if not shape:

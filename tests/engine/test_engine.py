@@ -35,8 +35,9 @@ def demo(packed: bool = False):
     """The bundled demo model (int8, compiled kernels), packed in panels as the commands run it or not."""
     from grok1 import kernels
     from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.config import resolve_config
     from grok1.tokenizer import Tokenizer
-    from grok1.weights.load import load_model, resolve_config
+    from grok1.weights.load import load_model
 
     if packed and kernels.cpu_ops() is None:
         pytest.skip("the CPU kernel could not be compiled here: nothing is packed")

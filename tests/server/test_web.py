@@ -105,8 +105,9 @@ return {page: document.scrollingElement.scrollHeight, scrollY: window.scrollY, w
 def demo():
     """The bundled demo model (256-token context) and its tokenizer, as `grok1 serve` loads them."""
     from grok1.cli.common import DEFAULT_CHECKPOINT
+    from grok1.config import resolve_config
     from grok1.tokenizer import Tokenizer
-    from grok1.weights.load import load_model, resolve_config
+    from grok1.weights.load import load_model
 
     model = load_model(DEFAULT_CHECKPOINT, resolve_config(DEFAULT_CHECKPOINT), "cpu", None, pack=True)
     return model, Tokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from grok1.config import resolve_config
 from grok1.engine.generate import generate
 from grok1.engine.sampling import SamplingParams
 from grok1.quant import QExperts, QLinear, dequantize
 from grok1.weights import legacy
 from grok1.weights.legacy import CheckpointError
-from grok1.weights.load import load_model, resolve_config
+from grok1.weights.load import load_model
 
 
 def test_weights_are_bit_exact_and_stay_int8(golden_dir, golden_config, golden_model):

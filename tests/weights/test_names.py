@@ -7,8 +7,8 @@ from conftest import small_config
 from grok1.model import Transformer
 from grok1.quant import swap_to_int8
 from grok1.weights import hf, names
-from grok1.weights.convert import unit_names
 from grok1.weights.legacy import reference_paths
+from grok1.weights.names import unit_names
 
 
 def test_every_parameter_has_one_row_and_names_are_unique_per_format():

@@ -9,10 +9,12 @@ import torch
 from conftest import small_config
 
 from grok1 import kernels
+from grok1.fileio import release_pages
 from grok1.model import Transformer, init_weights
 from grok1.quant import quantize_model
 from grok1.weights import safetensors as st
 from grok1.weights.load import load_model, save_model
+from grok1.weights.source import detect
 
 
 def _same_tensors(a, b):
@@ -24,7 +26,7 @@ def _same_tensors(a, b):
 
 def test_release_to_grok1_is_bit_identical(golden_model, golden_config, golden, tmp_path):
     out = save_model(golden_model, tmp_path / "g", tokenizer=None)
-    assert st.is_checkpoint(out)
+    assert detect(out) == "grok1"
     assert st.read_config(out) == (golden_config, "int8")
     again = load_model(out, golden_config)
     _same_tensors(golden_model, again)
@@ -116,11 +118,11 @@ def test_release_pages_drops_mapped_pages_and_never_touches_other_memory(tmp_pat
     mapped = st.open_shard(tmp_path / "x.safetensors")["big"]
     assert torch.equal(mapped, big)  # every page touched: resident
     before = _rss_file_kb()
-    st.release_pages(mapped)
+    release_pages(mapped)
     assert before - _rss_file_kb() >= 12 << 10  # most of its 16 MB left the process
     assert torch.equal(mapped, big)  # touched again, the pages come back from the file
     anonymous = big.clone()
-    st.release_pages(anonymous)  # not a file mapping: left alone (MADV_DONTNEED would zero it)
+    release_pages(anonymous)  # not a file mapping: left alone (MADV_DONTNEED would zero it)
     assert torch.equal(anonymous, big)
 
 

@@ -303,13 +303,19 @@ def _stream(
 ) -> Iterator[tuple[str, np.ndarray | QuantizedWeight8bit]]:
     # A separate generator so read_checkpoint's directory checks run at call time, not at first next().
     for i, path in enumerate(paths):
-        file = root / f"tensor{i:05d}_000"
-        if not file.is_file():
-            raise CheckpointError(f"missing tensor {i} ({path}): expected file {file}")
-        obj = read_tensor(file)
-        _check(obj, path, file, config)
+        obj = _read_checked(root, i, path, config)
         yield path, obj
         del obj  # do not hold this tensor while the next one is read
+
+
+def _read_checked(root: Path, i: int, path: str, config: ModelConfig) -> np.ndarray | QuantizedWeight8bit:
+    """Read `tensor{i:05d}_000`, which holds reference path `path`, and check it against the config."""
+    file = root / f"tensor{i:05d}_000"
+    if not file.is_file():
+        raise CheckpointError(f"missing tensor {i} ({path}): expected file {file}")
+    obj = read_tensor(file)
+    _check(obj, path, file, config)
+    return obj
 
 
 def read_path(ckpt_dir: str | Path, path: str, config: ModelConfig) -> np.ndarray | QuantizedWeight8bit:
@@ -320,10 +326,4 @@ def read_path(ckpt_dir: str | Path, path: str, config: ModelConfig) -> np.ndarra
     paths = reference_paths(config)
     if path not in paths:
         expected_shape(path, config)  # raises the unknown-path error
-    i = paths.index(path)
-    file = root / f"tensor{i:05d}_000"
-    if not file.is_file():
-        raise CheckpointError(f"missing tensor {i} ({path}): expected file {file}")
-    obj = read_tensor(file)
-    _check(obj, path, file, config)
-    return obj
+    return _read_checked(root, paths.index(path), path, config)

@@ -166,7 +166,7 @@ def export(src: Source, out: Path, dtype: str, tokenizer: Path | None,
     cfg, written_total, notes = src.config, 0, []
     if cfg.dim != cfg.n_heads * cfg.head_dim:
         notes.append(f"llama.cpp needs embedding_length ({cfg.dim}) == head_count x key_length "
-                            f"({cfg.n_heads * cfg.head_dim}): this file will not load there")
+                     f"({cfg.n_heads * cfg.head_dim}): this file will not load there")
     tensors = plan(cfg, dtype)
     fallback = sorted({n.split(".", 2)[-1] for n, _, _, s, t in tensors if dtype == "q8_0" and len(s) > 1
                        and not n.endswith("gate_inp.weight") and t != _T.Q8_0})

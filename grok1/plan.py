@@ -86,15 +86,17 @@ def split_error(cfg: ModelConfig, fmt: str, tp: int, ep: int) -> str | None:
     if cfg.n_kv_heads % tp or cfg.n_heads % tp:
         return (f"--tp {tp}: TP must divide the {cfg.n_kv_heads} KV heads and {cfg.n_heads} query heads "
                 f"(use one of {', '.join(map(str, _divisors(cfg.n_kv_heads)))})")
-    if fmt == "int8" and 8 % tp:
-        return f"--tp {tp}: the int8 scale groups of wo and w2 (8) must split evenly over TP"
+    groups = RELEASE_GROUPS["wo"]
+    if fmt == "int8" and groups % tp and tp % groups:
+        return f"--tp {tp}: the {groups} int8 scale groups of wo and w2 must split evenly over TP (or TP over them)"
     if cfg.vocab_size % tp:
         return f"--tp {tp}: TP must divide the vocabulary ({cfg.vocab_size}) for the vocab-parallel embedding"
     if fmt == "int4":
-        for what, n in (("model dim", cfg.dim), ("attention width", cfg.n_heads * cfg.head_dim),
-                        ("expert width", cfg.ffn_dim)):
-            if (n // tp) % INT4_BLOCK or n % tp:
-                shard = f" / TP {tp}" if tp > 1 else ""
+        # Inputs: D whole (wqkv, w1, w3 are split by output); wo's H * Hd and w2's F split by TP.
+        for what, n, split in (("model dim", cfg.dim, 1), ("attention width", cfg.n_heads * cfg.head_dim, tp),
+                               ("expert width", cfg.ffn_dim, tp)):
+            if n % split or (n // split) % INT4_BLOCK:
+                shard = f" / TP {split}" if split > 1 else ""
                 return f"--weights int4: the {what} {n}{shard} is not a multiple of {INT4_BLOCK} (int4 scale blocks)"
     if cfg.ffn_dim % tp:
         return f"--tp {tp}: the expert width {cfg.ffn_dim} must be a multiple of TP"

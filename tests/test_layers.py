@@ -11,12 +11,13 @@ ALLOWED = {
     "tokenizer": set(),
     "model": {"config"},
     "plan": {"config"},  # the memory planner: arithmetic on a ModelConfig
+    "memory": set(),  # how much memory this process may use (RAM, cgroup limits)
     "extension": set(),  # builds and loads the compiled kernels (torch only)
     "kernels": {"model", "extension"},  # compiled CPU kernels, and CompiledAttention (a model.Attention subclass); used by quant
     "quant": {"config", "model", "kernels"},
     "panels": {"model", "kernels", "quant"},  # the kernel's storage layout for int8 / float32 matrices
     "parallel": {"config", "model", "quant", "panels", "kernels"},
-    "weights": {"config", "model", "quant", "panels", "kernels", "parallel"},
+    "weights": {"config", "model", "quant", "panels", "kernels", "parallel", "memory"},
     "engine": {"config", "model", "quant", "panels", "kernels", "parallel", "weights", "tokenizer"},
     "server": {"engine", "tokenizer"},
     "eval": {"engine", "weights", "model", "tokenizer", "config"},

@@ -144,7 +144,9 @@ def model_from_args(args: argparse.Namespace, cfg: ModelConfig, mesh: Mesh | Non
                          f"generate and score run under torchrun")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     # Inference only (generate, chat, serve, score, check): the kernel's weight layout where it runs.
-    return load_model(args.checkpoint, cfg, args.device, dtype, pack=not getattr(args, "no_pack", False), mesh=mesh)
+    # pack=None: panels unless the weights do not fit in the memory this process may use (then kept mapped).
+    return load_model(args.checkpoint, cfg, args.device, dtype, pack=False if getattr(args, "no_pack", False) else None,
+                      mesh=mesh)
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:

@@ -33,7 +33,9 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--no-pack", action="store_true",
                    help="generate/chat/serve/score/check on CPU: keep the int8 and fp32 matrices memory-mapped in the "
                         "checkpoint's row-major layout instead of copying them at load (~1 s per GB) into the "
-                        "compiled kernel's panels (with panels: decoding 1.7-2.5x and prefill ~2x faster)")
+                        "compiled kernel's panels (with panels: decoding 1.7-2.5x and prefill ~2x faster); without it, "
+                        "grok1 keeps them mapped anyway when they do not fit in the memory it may use (RAM, "
+                        "cgroup limit), so a model larger than memory runs from disk")
     ranks.add_options(p)
     return p
 

@@ -9,13 +9,14 @@ pack the matrices into the kernel's panels.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from grok1 import kernels
+from grok1 import kernels, memory
 from grok1.config import ModelConfig
 from grok1.fileio import release_pages
 from grok1.model import Transformer
@@ -60,15 +61,44 @@ def _assign(model: nn.Module, name: str, tensor: Tensor, dtype: torch.dtype) -> 
         setattr(module, attr, tensor)
 
 
+def keep_mapped_reason(weight_bytes: int) -> str | None:
+    """One line saying why memory-mapped weights should stay mapped rather than be packed (copied into
+    anonymous memory), or None when they fit in the memory this process may use (grok1.memory)."""
+    usable = memory.usable_memory()
+    if memory.fits_in_memory(weight_bytes, usable):
+        return None
+    return (f"grok1: the weights ({weight_bytes / 1e9:.2f} GB) do not fit in the memory this process may use "
+            f"({usable / 1e9:.2f} GB: available RAM or cgroup limit); keeping them memory-mapped from the "
+            f"checkpoint instead of packing them (the OS pages in what each step reads)")
+
+
+def _should_pack(source: Source, device: torch.device | str, mesh: Mesh | None) -> bool:
+    """pack=None: pack, unless the weights are memory-mapped (grok1's format, one process, CPU) and do not fit
+    in the memory this process may use; then say so in one line and keep them mapped (one-box mode)."""
+    if source.format != "grok1" or mesh is not None or torch.device(device).type != "cpu":
+        return True
+    total = st.read_index(source.path).get("metadata", {}).get("total_size")
+    if total is None:
+        total = sum(f.stat().st_size for f in Path(source.path).glob("*.safetensors"))
+    reason = keep_mapped_reason(total)
+    if reason:
+        print(reason, file=sys.stderr)
+    return reason is None
+
+
 def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None, pack: bool = False, mesh: Mesh | None = None) -> Transformer:
+               dtype: torch.dtype | None = None, pack: bool | None = False, mesh: Mesh | None = None) -> Transformer:
     """Load a checkpoint (any format `source.open_source` reads) into an eval-mode Transformer computing in
     `dtype` on `device`. int8 weights stay int8; attention and norms run the compiled kernels where they
     apply (kernels.install). pack=True: for inference, the matrices in the kernel's panels
-    (panels.pack_model), each memory-mapped original released once copied. mesh: this rank's part of a
-    tensor/expert-parallel model (grok1/parallel), reading only its slices, with its collectives."""
+    (panels.pack_model), each memory-mapped original released once copied; pack=None (the CLI's default):
+    the same, unless memory-mapped weights do not fit in the memory this process may use (_should_pack).
+    mesh: this rank's part of a tensor/expert-parallel model (grok1/parallel), reading only its slices,
+    with its collectives."""
     dtype = dtype or default_dtype(device)
     source = open_source(checkpoint, cfg)
+    if pack is None:
+        pack = _should_pack(source, device, mesh)
     with torch.device("meta"):
         model = Transformer(cfg)
     _stored_formats(model, source, dtype)

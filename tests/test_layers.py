@@ -12,16 +12,17 @@ ALLOWED = {
     "model": {"config"},
     "plan": {"config"},  # the memory planner: arithmetic on a ModelConfig
     "memory": set(),  # how much memory this process may use (RAM, cgroup limits)
+    "fileio": set(),  # atomic writes, page release: file I/O shared by weights and train
     "extension": set(),  # builds and loads the compiled kernels (torch only)
     "kernels": {"model", "extension"},  # compiled CPU kernels, and CompiledAttention (a model.Attention subclass); used by quant
     "quant": {"config", "model", "kernels"},
     "panels": {"model", "kernels", "quant"},  # the kernel's storage layout for int8 / float32 matrices
     "parallel": {"config", "model", "quant", "panels", "kernels"},
-    "weights": {"config", "model", "quant", "panels", "kernels", "parallel", "memory"},
+    "weights": {"config", "model", "quant", "panels", "kernels", "parallel", "memory", "fileio"},
     "engine": {"config", "model", "quant", "panels", "kernels", "parallel", "weights", "tokenizer"},
     "server": {"engine", "tokenizer"},
     "eval": {"engine", "weights", "model", "tokenizer", "config"},
-    "train": {"config", "model", "weights", "parallel", "tokenizer", "quant"},
+    "train": {"config", "model", "weights", "parallel", "tokenizer", "quant", "fileio"},
     "cli": {"*"},
     "__main__": {"cli"},
     "__init__": set(),

@@ -11,6 +11,7 @@ nothing of devices, files, quantization or parallelism: those wrap a finished mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -259,6 +260,19 @@ class TiedEmbedding(nn.Module):
         return F.linear(h, self.weight)  # [.., V]
 
 
+@dataclass(frozen=True)
+class ForwardMeta:
+    """What a caller (the engine, a checker) asks of one forward besides the tokens, positions and cache, as
+    mistral's input metadata does; none of it changes the arithmetic of a row. All optional."""
+    cache_rows: Tensor | None = None  # [B]: batch row b uses cache row cache_rows[b] (default: row b)
+    logits_at: Tensor | None = None  # [B]: logits only at this position of each row -> [B, V]
+    logits_rows: Tensor | None = None  # [R]: then only these batch rows -> [R, V] (or [R, T, V])
+    hidden: list[Tensor] | None = None  # a list: the residual stream after the embedding and each layer is appended
+
+
+NO_META = ForwardMeta()
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -276,18 +290,15 @@ class Transformer(nn.Module):
         return KVCache(cfg.n_layers, batch, max_seq_len, n_kv_heads, cfg.head_dim, emb.dtype, self.norm.weight.device)
 
     def forward(self, tokens: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,
-                logits_at: Tensor | None = None, hidden: list[Tensor] | None = None,
-                cache_rows: Tensor | None = None, logits_rows: Tensor | None = None) -> Tensor:
-        """tokens [B, T] -> logits [B, T, V] (or [B, V] at positions logits_at [B]; only batch rows
-        logits_rows [R] of those, if given: [R, V]).
+                meta: ForwardMeta | None = None) -> Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or fewer: see ForwardMeta).
 
         Without a cache, the T tokens are the whole sequence (positions 0..T-1) and token id 0
         is masked as a key, as in the reference forward. With a cache, row b's tokens sit at
-        positions start_pos[b] + 0..T-1 of cache row cache_rows[b] (default b) and are attended
-        together with the cached prefix.
-        If `hidden` is a list, the residual stream after the embedding and after each layer is
-        appended to it.
+        positions start_pos[b] + 0..T-1 of its cache row and are attended together with the
+        cached prefix.
         """
+        meta = meta or NO_META
         B, T = tokens.shape
         cfg = self.config
         if start_pos is None:
@@ -300,19 +311,19 @@ class Transformer(nn.Module):
             mask = mask[:, None, None]  # [B, 1, 1, T, S]
         else:
             kv_len = int(pos.max()) + 1
-            mask = cache.attention_mask(tokens, pos, cfg.pad_id, kv_len, cache_rows)
+            mask = cache.attention_mask(tokens, pos, cfg.pad_id, kv_len, meta.cache_rows)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_base)
         h = self.tok_embeddings(tokens) * cfg.embedding_multiplier  # [B, T, D], in the compute dtype
-        if hidden is not None:
-            hidden.append(h)
+        if meta.hidden is not None:
+            meta.hidden.append(h)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, pos, cache, kv_len, cache_rows)
-            if hidden is not None:
-                hidden.append(h)
-        if logits_at is not None:
-            h = h[torch.arange(B, device=h.device), logits_at]  # [B, D]
-        if logits_rows is not None:
-            h = h[logits_rows]  # [R, ...]
+            h = layer(h, cos, sin, mask, pos, cache, kv_len, meta.cache_rows)
+            if meta.hidden is not None:
+                meta.hidden.append(h)
+        if meta.logits_at is not None:
+            h = h[torch.arange(B, device=h.device), meta.logits_at]  # [B, D]
+        if meta.logits_rows is not None:
+            h = h[meta.logits_rows]  # [R, ...]
         return self.tok_embeddings.unembed(self.norm(h)) * cfg.output_multiplier  # [.., V], tied
 
 

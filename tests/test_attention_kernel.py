@@ -6,7 +6,7 @@ import torch
 from conftest import small_config
 
 from grok1 import kernels
-from grok1.model import Attention, KVCache, RMSNorm, Transformer, init_weights, rope_cos_sin
+from grok1.model import Attention, ForwardMeta, KVCache, RMSNorm, Transformer, init_weights, rope_cos_sin
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +146,11 @@ def test_model_decode_with_the_kernel_matches_the_plain_model(ops):
     rows = torch.tensor([2, 0, 3])
     caches = [m.new_cache(4, 32) for m in (plain, fast)]
     with torch.no_grad():
-        outs = [m(prompts, torch.zeros(3, dtype=torch.long), c, cache_rows=rows) for m, c in zip((plain, fast), caches)]
+        outs = [m(prompts, torch.zeros(3, dtype=torch.long), c, ForwardMeta(cache_rows=rows)) for m, c in zip((plain, fast), caches)]
         torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)  # prefill: plain attention, compiled norms
         tokens, pos = outs[0][:, -1].argmax(-1), torch.full((3,), 9)
         for _ in range(12):
-            a, b = (m(tokens[:, None], pos, c, cache_rows=rows)[:, 0] for m, c in zip((plain, fast), caches))
+            a, b = (m(tokens[:, None], pos, c, ForwardMeta(cache_rows=rows))[:, 0] for m, c in zip((plain, fast), caches))
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
             tokens, pos = a.argmax(-1), pos + 1
 

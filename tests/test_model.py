@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import small_config
 
-from grok1.model import Transformer, apply_rope, experts_gather, experts_sorted, init_weights, rope_cos_sin
+from grok1.model import ForwardMeta, Transformer, apply_rope, experts_gather, experts_sorted, init_weights, rope_cos_sin
 
 
 def literal_moe(x, moe):
@@ -140,7 +140,7 @@ def test_logits_at_selects_rows(small_model):
     at = torch.tensor([5, 0, 3])
     with torch.no_grad():
         full = small_model(tokens)
-        picked = small_model(tokens, logits_at=at)
+        picked = small_model(tokens, meta=ForwardMeta(logits_at=at))
     torch.testing.assert_close(picked, full[torch.arange(3), at])
 
 
@@ -149,7 +149,7 @@ def test_output_uses_tied_embedding_and_multipliers(small_model):
     tokens = torch.tensor([[11]])
     with torch.no_grad():
         hidden = []
-        logits = small_model(tokens, hidden=hidden)
+        logits = small_model(tokens, meta=ForwardMeta(hidden=hidden))
         h = small_model.norm(hidden[-1])
         expect = h @ small_model.tok_embeddings.weight.T * cfg.output_multiplier
     torch.testing.assert_close(hidden[0][0, 0], small_model.tok_embeddings.weight[11] * cfg.embedding_multiplier)
@@ -163,10 +163,10 @@ def test_cache_rows_select_slots(small_model):
     with torch.no_grad():
         ref_a, ref_b = small_model(a), small_model(b)
         cache = small_model.new_cache(4, 16)
-        pa = small_model(a[:, :5], torch.tensor([0]), cache, cache_rows=torch.tensor([2]))
-        pb = small_model(b[:, :3], torch.tensor([0]), cache, cache_rows=torch.tensor([0]))
+        pa = small_model(a[:, :5], torch.tensor([0]), cache, ForwardMeta(cache_rows=torch.tensor([2])))
+        pb = small_model(b[:, :3], torch.tensor([0]), cache, ForwardMeta(cache_rows=torch.tensor([0])))
         step = small_model(torch.tensor([[a[0, 5]], [b[0, 3]]]), torch.tensor([5, 3]), cache,
-                           cache_rows=torch.tensor([2, 0]))
+                           ForwardMeta(cache_rows=torch.tensor([2, 0])))
     torch.testing.assert_close(torch.cat([pa[0], step[0]]), ref_a[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat([pb[0], step[1]]), ref_b[0], atol=1e-4, rtol=1e-4)
 

@@ -31,7 +31,7 @@ from grok1.engine.cache import clear_slot
 from grok1.engine.errors import ShuttingDown
 from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob, check_prompt
-from grok1.model import Transformer
+from grok1.model import ForwardMeta, Transformer
 from grok1.panels import is_packed
 from grok1.tokenizer import Tokenizer
 
@@ -156,7 +156,7 @@ class Engine:
             tokens[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         rows = torch.tensor([r.slot for r in reqs], device=self.device)
         start = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
-        return self.model(tokens, start, self.cache, logits_at=lengths - 1, cache_rows=rows)  # [B, V]
+        return self.model(tokens, start, self.cache, ForwardMeta(logits_at=lengths - 1, cache_rows=rows))  # [B, V]
 
     def _fits_one_pass(self, batch: Batch) -> bool:
         """Short prompts run as one-token rows (riding along with the decode rows, if any) while the rows stay
@@ -180,8 +180,8 @@ class Engine:
         pos += [r.last_pos for r in decode]
         rows += [r.slot for r in decode]
         as_tensor = partial(torch.tensor, device=self.device)
-        return self.model(as_tensor(tokens)[:, None], as_tensor(pos), self.cache, cache_rows=as_tensor(rows),
-                          logits_rows=as_tensor(last))[:, 0]  # [len(prefill) + len(decode), V]
+        return self.model(as_tensor(tokens)[:, None], as_tensor(pos), self.cache,
+                          ForwardMeta(cache_rows=as_tensor(rows), logits_rows=as_tensor(last)))[:, 0]  # [len(prefill) + len(decode), V]
 
     def _decode(self, reqs: list[Request]) -> Tensor:
         tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # [B, 1]
@@ -189,7 +189,7 @@ class Engine:
         slots = [r.slot for r in reqs]
         # A batch that is every cache row in order needs no row indices: the cache hands out views, not copies.
         rows = None if slots == list(range(self.config.max_batch)) else torch.tensor(slots, device=self.device)
-        return self.model(tokens, pos, self.cache, cache_rows=rows)[:, 0]  # [B, V]
+        return self.model(tokens, pos, self.cache, ForwardMeta(cache_rows=rows))[:, 0]  # [B, V]
 
     def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:
         """One token per request, with its own SamplingParams and generator (greedy rows: argmax)."""

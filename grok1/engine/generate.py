@@ -15,7 +15,7 @@ from torch import Tensor
 
 from grok1 import kernels
 from grok1.engine.sampling import SamplingParams, make_generators, sample_requests
-from grok1.model import KVCache, Transformer
+from grok1.model import ForwardMeta, KVCache, Transformer
 from grok1.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -28,7 +28,7 @@ def prefill(model: Transformer, cache: KVCache, prompts: Sequence[Sequence[int]]
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
     start = torch.zeros(len(prompts), dtype=torch.long, device=device)
-    return model(tokens, start, cache, logits_at=lengths - 1)
+    return model(tokens, start, cache, ForwardMeta(logits_at=lengths - 1))
 
 
 def decode_step(model: Transformer, cache: KVCache, tokens: Tensor, pos: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grok1.model import Transformer
+from grok1.model import ForwardMeta, Transformer
 
 
 @dataclass
@@ -61,7 +61,7 @@ def compare(model: Transformer, golden: dict[str, np.ndarray], precision: str = 
             raise ValueError(f"golden hidden_{precision}_p{k} has shape {hidden_ref.shape}, the model needs "
                              f"[{model.config.n_layers + 1}, T, {model.config.dim}]")
         hidden: list[torch.Tensor] = []
-        logits = model(torch.tensor(ids[None, :n], dtype=torch.long, device=device), hidden=hidden)
+        logits = model(torch.tensor(ids[None, :n], dtype=torch.long, device=device), meta=ForwardMeta(hidden=hidden))
         names = ["embed"] + [f"layer {i}" for i in range(len(hidden) - 1)]
         for name, ours, ref in zip(names, hidden, hidden_ref):
             rows.append(_diff(k, name, ours[0].float().cpu().numpy(), ref, rel_tol, None))

@@ -10,6 +10,7 @@ import torch
 from grok1.config import resolve_config
 from grok1.engine.generate import generate
 from grok1.engine.sampling import SamplingParams
+from grok1.model import ForwardMeta
 from grok1.quant import QExperts, QLinear, dequantize
 from grok1.weights import legacy
 from grok1.weights.legacy import CheckpointError
@@ -56,7 +57,7 @@ def test_fp32_logits_and_hidden_states_match_reference(golden, golden_model, k):
     ids = torch.tensor(golden["prompt_ids"][k:k + 1, :n], dtype=torch.long)
     hidden = []
     with torch.no_grad():
-        logits = golden_model(ids, hidden=hidden)[0].numpy()
+        logits = golden_model(ids, meta=ForwardMeta(hidden=hidden))[0].numpy()
     assert np.abs(logits - golden[f"logits_fp32_p{k}"]).max() <= 1e-3
     ref = golden[f"hidden_fp32_p{k}"]
     assert len(hidden) == ref.shape[0]

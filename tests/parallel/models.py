@@ -51,3 +51,16 @@ def build(name: str, fmt: str | None = None, mesh=None, pack: bool = False) -> T
 def single(name: str, fmt: str | None = None, pack: bool = False) -> Transformer:
     model = build(name, fmt, pack=pack)
     return pack_model(model) if pack and name == "small" else model
+
+
+@torch.inference_mode()
+def greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt`, decoded through the KV cache (prefill, then one token per step)."""
+    cache = model.new_cache(1, len(prompt) + n)
+    logits = model(torch.tensor([prompt]), torch.zeros(1, dtype=torch.long), cache)[0, -1]
+    out = []
+    for i in range(n):
+        out.append(int(logits.argmax()))
+        logits = model(torch.tensor([[out[-1]]]), torch.tensor([len(prompt) + i]), cache)[0, -1]
+    return out
+

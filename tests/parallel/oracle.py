@@ -7,9 +7,7 @@ from pathlib import Path
 import torch
 
 from grok1 import kernels
-from grok1.engine.generate import generate
-from grok1.engine.sampling import SamplingParams
-from models import PROMPTS, single
+from models import PROMPTS, greedy, single
 from ranks import run_job
 
 _cache: dict[tuple, tuple] = {}
@@ -22,8 +20,7 @@ def reference(name: str, fmt: str | None, pack: bool, new_tokens: int = 6) -> tu
         model = single(name, fmt, pack)
         with torch.inference_mode():
             logits = [model(torch.tensor([p]))[0] for p in PROMPTS[name]]
-        params = [SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)] * len(PROMPTS[name])
-        _cache[key] = logits, [c.token_ids for c in generate(model, PROMPTS[name], params)]
+        _cache[key] = logits, [greedy(model, p, new_tokens) for p in PROMPTS[name]]
     return _cache[key]
 
 

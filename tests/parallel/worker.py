@@ -14,13 +14,11 @@ import torch
 import torch.distributed as dist
 
 from grok1 import kernels
-from grok1.engine.generate import generate
-from grok1.engine.sampling import SamplingParams
 from grok1.panels import pack_model
 from grok1.parallel.dist import build_mesh, parallelize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import PROMPTS, build  # noqa: E402
+from models import PROMPTS, build, greedy  # noqa: E402
 
 
 def rchar() -> int:
@@ -48,8 +46,7 @@ def main(job_file: str) -> None:
     prompts = PROMPTS[job["model"]]
     with torch.inference_mode():
         logits = [model(torch.tensor([p]))[0] for p in prompts]
-    params = [SamplingParams(temperature=0.0, max_new_tokens=job.get("new_tokens", 6), ignore_eos=True)] * len(prompts)
-    tokens = [c.token_ids for c in generate(model, prompts, params)]
+    tokens = [greedy(model, p, job.get("new_tokens", 6)) for p in prompts]
     torch.save({"logits": logits, "tokens": tokens, "read_bytes": read,
                 "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                f"{job['out']}.rank{dist.get_rank()}.pt")

@@ -9,7 +9,7 @@ import sys
 import torch.distributed as dist
 
 from grok1 import __version__
-from grok1.cli import chat, check, convert, generate, info, plan, ranks, score, serve, train
+from grok1.cli import chat, check, convert, eval, generate, info, plan, ranks, score, serve, train
 from grok1.cli.common import device_arg
 
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"grok1 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = model_options()
-    for module in (generate, chat, serve, score, info, plan, check, train, convert):
+    for module in (generate, chat, serve, score, info, plan, check, eval, train, convert):
         module.add_parser(sub, common)
     info.add_presets_parser(sub)
     return parser

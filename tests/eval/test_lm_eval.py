@@ -1,0 +1,103 @@
+"""grok1 inside lm-evaluation-harness: a local task (dataset_path: json) run by lm_eval.simple_evaluate through
+Grok1LM; its log-likelihoods must equal sums of per-token log-probs from a full forward of each sequence."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'grok1[eval]')")
+
+DEMO = Path(__file__).resolve().parents[2] / "grok1" / "assets" / "grok-1-mini"
+DOCS = [{"question": "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+         "choices": [" must be in want of a wife.", " is a cat.", " said nothing at all."], "answer": 0},
+        {"question": "Mr. Darcy bowed, and Elizabeth", "choices": [" curtsied.", " sixteen", " the the the"], "answer": 0},
+        {"question": "\"My dear Mr. Bennet,\" said his lady to him one day,",
+         "choices": [" \"have you heard", " 42", " xylophone"], "answer": 0}]
+
+
+def write_task(root: Path) -> str:
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (root / "grok1_tiny.yaml").write_text(
+        "task: grok1_tiny\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    return "grok1_tiny"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from grok1.tokenizer import Tokenizer
+    from grok1.weights.load import load_model, resolve_config
+
+    return load_model(DEMO, resolve_config(DEMO, None, None), "cpu"), Tokenizer(DEMO / "tokenizer.model")
+
+
+def full_forward_loglik(model, tok, context: str, continuation: str) -> float:
+    """The continuation's log-prob from one forward of the whole sequence, split as lm-eval splits it."""
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    with torch.no_grad():
+        logp = model(torch.tensor([whole]))[0].float().log_softmax(-1)
+    return sum(float(logp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
+
+
+def run_task(lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    from lm_eval.tasks import TaskManager
+
+    name = write_task(tmp_path)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  log_samples=True, num_fewshot=0)
+    return out["results"][name], out["samples"][name]
+
+
+def sample_logliks(samples) -> dict[tuple[int, int], float]:
+    return {(s["doc_id"], j): float(r[0][0]) for s in samples for j, r in enumerate(s["resps"])}
+
+
+def test_simple_evaluate_in_process(demo, tmp_path, monkeypatch):
+    from grok1.eval.lm_eval import Grok1LM
+
+    model, tok = demo
+    results, samples = run_task(Grok1LM(model, tok, batch_size=2), tmp_path, monkeypatch)
+    got = sample_logliks(samples)
+    expected = {(i, j): full_forward_loglik(model, tok, d["question"], c)
+                for i, d in enumerate(DOCS) for j, c in enumerate(d["choices"])}
+    assert got == pytest.approx(expected, abs=2e-3)
+    picks = [max(range(3), key=lambda j: expected[(i, j)]) for i in range(len(DOCS))]
+    assert results["acc,none"] == pytest.approx(sum(p == d["answer"] for p, d in zip(picks, DOCS)) / len(DOCS))
+
+
+def test_rolling_and_generation(demo):
+    from lm_eval.api.instance import Instance
+
+    from grok1.eval.lm_eval import Grok1LM
+
+    model, tok = demo
+    lm = Grok1LM(model, tok)
+    text = "It is a truth universally acknowledged, that a single man"
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    ids = [tok.bos_id] + tok.encode(text)
+    with torch.no_grad():
+        logp = model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    assert rolling == pytest.approx(sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids))), abs=2e-3)
+
+    reqs = [Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 12}), i)
+            for i, p in enumerate(["Mr. Darcy", "Emma Woodhouse, handsome, clever, and rich,"])]
+    outs = lm.generate_until(reqs)
+    from grok1.engine.engine import Engine
+    from grok1.engine.sampling import SamplingParams
+
+    for (prompt, _), out in zip((r.args for r in reqs), outs):
+        alone = Engine(model, tok).generate([tok.encode(prompt)],
+                                            [SamplingParams(temperature=0, max_new_tokens=12, stop=(".",))])[0]
+        assert out == alone.text and "." not in out

@@ -79,13 +79,15 @@ class Engine:
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
                     logprobs: int | None = None, on_output: Callable[[Output], None] | None = None,
-                    detokenize: bool = True) -> Request:
+                    detokenize: bool = True, prompt_logprobs: int | None = None) -> Request:
         """Queue a prompt. Raises ValueError (prompt empty, too long for the context, or an id outside the
         vocabulary) or QueueFull. detokenize=False: outputs carry no text unless stop strings need it (a
-        caller that decodes the ids itself)."""
+        caller that decodes the ids itself). prompt_logprobs=k: the first output also carries each prompt
+        token's log-prob and its top k alternatives (`Output.prompt_logprobs`, for echo/scoring)."""
         check_prompt(prompt_ids, self.model.config.vocab_size, self.max_seq_len)
         req = Request(list(prompt_ids), params, logprobs=logprobs if logprobs is not None else
-                      (params.logprobs or None), on_output=on_output, detokenize=detokenize)
+                      (params.logprobs or None), on_output=on_output, detokenize=detokenize,
+                      prompt_logprobs=prompt_logprobs)
         if request_id is not None:
             req.id = request_id
         with self.lock:
@@ -125,6 +127,7 @@ class Engine:
         with self.lock:
             batch, emits = self.scheduler.schedule()
         batch.decode.sort(key=lambda r: r.slot)  # row order (outputs follow the requests, so any order is fine)
+        scored = {r.id: self._prompt_logprobs(r) for r in batch.prefill if r.prompt_logprobs is not None}
         if len(batch):
             if batch.prefill and self._fits_one_pass(batch):
                 logits = self._prefill_with_decode(batch.prefill, batch.decode)
@@ -138,6 +141,9 @@ class Engine:
             lps = self._logprobs(logits, tokens, reqs)
             with self.lock:
                 emits += self.scheduler.postprocess(reqs, tokens.tolist(), lps)
+            for req, out in emits:
+                if req.id in scored:
+                    out.prompt_logprobs = scored.pop(req.id)
             self.steps += 1
             self.prompt_tokens += sum(len(r.prompt_ids) for r in batch.prefill)
             self.reused_tokens += sum(r.cached for r in batch.prefill)
@@ -157,6 +163,18 @@ class Engine:
         rows = torch.tensor([r.slot for r in reqs], device=self.device)
         start = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         return self.model(tokens, start, self.cache, ForwardMeta(logits_at=lengths - 1, cache_rows=rows))  # [B, V]
+
+    def _prompt_logprobs(self, req: Request) -> list[TokenLogprob]:
+        """Each prompt token after the first: its log-prob given the tokens before it and the top
+        `req.prompt_logprobs` alternatives, from one uncached forward of the whole prompt (a scoring request:
+        the same numbers as a full forward of the sequence alone)."""
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        lp = logprobs(self.model(ids)[0, :-1])  # [T-1, V]
+        chosen = lp.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+        k = req.prompt_logprobs or 0
+        values, top = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        return [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in
+                zip(req.prompt_ids[1:], chosen, top.tolist(), values.tolist())]
 
     def _fits_one_pass(self, batch: Batch) -> bool:
         """Short prompts run as one-token rows (riding along with the decode rows, if any) while the rows stay

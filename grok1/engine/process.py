@@ -105,7 +105,8 @@ class EngineProcess:
     # ---- the Engine interface (any thread) ----
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
-                    logprobs: int | None = None, on_output: Callable[[Output], None] | None = None) -> RemoteRequest:
+                    logprobs: int | None = None, on_output: Callable[[Output], None] | None = None,
+                    prompt_logprobs: int | None = None) -> RemoteRequest:
         check_prompt(prompt_ids, self.vocab_size, self.max_seq_len)
         with self.lock:
             if self.stopping:
@@ -123,7 +124,8 @@ class EngineProcess:
             if self.tokenizer is not None and not params.stop:
                 req.stream = TextStream(self.tokenizer, (), req.prompt_ids)
             self.requests[request_id] = req
-            self._to_child.send(("add", request_id, req.prompt_ids, params, logprobs, req.stream is None))
+            self._to_child.send(("add", request_id, req.prompt_ids, params, logprobs, req.stream is None,
+                                prompt_logprobs))
         return req
 
     def cancel(self, request_id: str) -> None:
@@ -245,10 +247,10 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection,
             except EOFError:  # the parent is gone
                 msg = ("stop",)
             if msg[0] == "add":
-                _, request_id, prompt_ids, params, logprobs, detokenize = msg
+                _, request_id, prompt_ids, params, logprobs, detokenize, prompt_logprobs = msg
                 try:
                     engine.add_request(prompt_ids, params, request_id, logprobs, on_output=outputs.append,
-                                       detokenize=detokenize)
+                                       detokenize=detokenize, prompt_logprobs=prompt_logprobs)
                 except (ValueError, QueueFull, RuntimeError):  # raced past the parent's checks
                     outputs.append(Output(request_id, [], "", [], "error", len(prompt_ids), 0))
             elif msg[0] == "cancel":

@@ -58,6 +58,8 @@ class Output:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output of a request that asked for them:
+                                                        # prompt tokens 1.. (token 0 has no context)
 
 
 @dataclass(eq=False)
@@ -68,6 +70,7 @@ class Request:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k alternatives
     on_output: Callable[[Output], None] | None = None  # called on the engine thread
     detokenize: bool = True  # False: outputs carry token ids and no text (unless stop strings need the text)
+    prompt_logprobs: int | None = None  # k >= 0: score the prompt too (its tokens' logprobs, top k alternatives)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     slot: int = -1  # the KV-cache row while running

@@ -4,7 +4,6 @@
     from grok1.eval.lm_eval import Grok1LM
     lm_eval.simple_evaluate(model=Grok1LM.load("path/to/checkpoint"), tasks=["hellaswag"])
 
-or, after importing this module, `lm_eval.simple_evaluate(model="grok1", model_args="checkpoint=DIR")`.
 Needs `pip install lm-eval` (or `pip install 'grok1[eval]'`).
 
 It builds on lm-eval's `TemplateLM`, the base its API models (`local-completions`) share, so text is split
@@ -22,7 +21,6 @@ from functools import partial
 
 import torch
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -35,7 +33,6 @@ from grok1.tokenizer import Tokenizer
 MAX_GEN_TOKS = 256
 
 
-@register_model("grok1")
 class Grok1LM(TemplateLM):
     def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | None = None,
                  checkpoint: str | None = None, batch_size: int | str = 8, max_batch: int = 16,

@@ -38,6 +38,7 @@ class Choice:
     completion_tokens: int = 0
     finish_reason: str | None = None
     first_token: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs: prompt tokens 1.. (see Output)
 
 
 class Job:
@@ -54,13 +55,15 @@ class Job:
         self.choices: list[Choice] = []
         self.start = time.perf_counter()
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams], logprobs: int | None, param: str) -> None:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], logprobs: int | None, param: str,
+               prompt_logprobs: int | None = None) -> None:
         """Queue one engine request per prompt; an engine refusal cancels those already queued and becomes the
         matching OpenAI error (`param` names the request field the prompts came from)."""
         try:
             for i, (ids, sp) in enumerate(zip(prompts, params)):
                 self.choices.append(Choice(prompt_tokens=len(ids)))
-                self.reqs.append(self.engine.add_request(ids, sp, logprobs=logprobs, on_output=partial(self._put, i)))
+                kw = {} if prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs}
+                self.reqs.append(self.engine.add_request(ids, sp, logprobs=logprobs, on_output=partial(self._put, i), **kw))
         except EngineError as e:
             self.cancel()
             raise p.engine_error(e, param) from e
@@ -107,6 +110,8 @@ class Job:
         c.text += out.text
         c.logprobs += out.logprobs
         c.completion_tokens = out.completion_tokens
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
         if out.token_ids and c.first_token is None:
             c.first_token = time.perf_counter() - self.start
         if out.finish_reason is not None:

@@ -146,6 +146,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[TokenId] | Annotated[list[str], Field(min_length=1)] | \
         Annotated[list[list[TokenId]], Field(min_length=1)]
     logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives per token")
+    echo: bool = Field(False, description="return the prompt before the completion; with logprobs, the prompt "
+                       "tokens' log-probs too (the first token's is null), as lm-eval's local-completions needs")
     suffix: str | None = Field(None, description="not supported (Grok-1 is not trained to fill in): a 400 unless "
                                "null or empty")
     best_of: int | None = Field(None, ge=1, description="only null or equal to n: the server returns every choice")
@@ -276,6 +278,26 @@ def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> dict:
 
     return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]}
                         for lp in lps]}
+
+
+def echo_logprobs(tok: Tokenizer, prompt_ids: list[int], prompt: list[TokenLogprob], completion: list[TokenLogprob]
+                  ) -> dict:
+    """Legacy-format logprobs of prompt + completion: the first prompt token has no context (null entries)."""
+    first = token_text(tok, prompt_ids[0])[0]
+    rest = completion_logprobs(tok, prompt + completion, len(first))
+    return {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    add_special_tokens: bool = Field(False, description="prepend the BOS token")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[TokenId]
 
 
 def completion_choice(index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:

@@ -29,6 +29,7 @@ def write_task(root: Path) -> str:
         "doc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\n"
         "doc_to_target: '{{answer}}'\n"
+        "target_delimiter: ''\n"
         "metric_list:\n  - metric: acc\n")
     return "grok1_tiny"
 
@@ -49,14 +50,15 @@ def full_forward_loglik(model, tok, context: str, continuation: str) -> float:
     return sum(float(logp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
 
 
-def run_task(lm, tmp_path, monkeypatch):
+def run_task(lm, tmp_path, monkeypatch, model_args=None):
+    tmp_path.mkdir(exist_ok=True)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     from lm_eval.tasks import TaskManager
 
     name = write_task(tmp_path)
-    out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=str(tmp_path)),
-                                  log_samples=True, num_fewshot=0)
+    out = lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=[name], log_samples=True, num_fewshot=0,
+                                  task_manager=TaskManager(include_path=str(tmp_path)))
     return out["results"][name], out["samples"][name]
 
 
@@ -101,3 +103,76 @@ def test_rolling_and_generation(demo):
         alone = Engine(model, tok).generate([tok.encode(prompt)],
                                             [SamplingParams(temperature=0, max_new_tokens=12, stop=(".",))])[0]
         assert out == alone.text and "." not in out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_serve():
+    """A real `grok1 serve` of the demo model in a subprocess on a free port; yields its base URL."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, "-m", "grok1", "serve", "--port", str(port), "--max-seq-len", "256",
+                             "--max-batch", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, "grok1 serve exited"
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_local_completions_against_grok1_serve(demo, live_serve, tmp_path, monkeypatch):
+    import httpx
+
+    from grok1.eval.lm_eval import Grok1LM
+
+    model, tok = demo
+    url = live_serve
+    # The endpoints lm-eval's remote tokenizer uses.
+    ids = httpx.post(url + "/tokenize", json={"prompt": "Mr. Darcy bowed"}).json()["tokens"]
+    assert ids == tok.encode("Mr. Darcy bowed")
+    assert httpx.post(url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "Mr. Darcy bowed"
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert httpx.post(url + "/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"] == [tok.eos_id]
+    # echo + logprobs: the prompt's own log-probs, the first one null, then the generated token's.
+    r = httpx.post(url + "/v1/completions", json={"model": "grok-1-mini", "prompt": ids, "max_tokens": 1,
+                                                   "temperature": 0, "logprobs": 1, "echo": True}, timeout=120).json()
+    lp = r["choices"][0]["logprobs"]
+    assert r["choices"][0]["text"].startswith("Mr. Darcy bowed")
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+    with torch.no_grad():
+        logp = model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    assert lp["token_logprobs"][1:-1] == pytest.approx([float(logp[t - 1, ids[t]]) for t in range(1, len(ids))],
+                                                       abs=2e-3)
+
+    args = f"model=grok-1-mini,base_url={url}/v1/completions,tokenizer_backend=remote,max_length=256,batch_size=1"
+    remote_results, remote = run_task("local-completions", tmp_path / "remote", monkeypatch, args)
+    local_results, local = run_task(Grok1LM(model, tok, max_length=256), tmp_path / "local", monkeypatch)
+    assert sample_logliks(remote) == pytest.approx(sample_logliks(local), abs=2e-3)
+    assert remote_results["acc,none"] == local_results["acc,none"]

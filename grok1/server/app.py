@@ -25,13 +25,14 @@ from grok1.engine.engine import Engine
 from grok1.engine.process import EngineProcess
 from grok1.engine.sampling import SamplingParams
 from grok1.server import protocol as p
-from grok1.server.bridge import Job, collect, stream_outputs
+from grok1.server.bridge import Choice, Job, collect, stream_outputs
 from grok1.server.guard import Guard
 from grok1.server.metrics import CountRequests, Metrics
 from grok1.tokenizer import CHAT_STOP, Tokenizer, chat_prompt
 
 STATIC = Path(__file__).parent / "static"
-ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/"}
+ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/", "/tokenize",
+             "/detokenize", "/tokenizer_info"}
 MAX_BODY_BYTES = 4 << 20  # a full 8k-token context as text is ~40 KB, as token ids ~60 KB; 4 MiB leaves room
 BODY_TIMEOUT = 60.0  # seconds for a request's whole body to arrive
 
@@ -72,9 +73,10 @@ class Server:
                              f"at most {capacity}; split it into smaller requests", param=param,
                              code="too_many_completions")
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams], logprobs: int | None, param: str) -> Job:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], logprobs: int | None, param: str,
+               prompt_logprobs: int | None = None) -> Job:
         job = Job(self.engine, self.metrics)
-        job.submit(prompts, params, logprobs, param)
+        job.submit(prompts, params, logprobs, param, prompt_logprobs)
         return job
 
 
@@ -94,6 +96,7 @@ def create_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name:
     app.add_middleware(CountRequests, metrics=metrics, endpoints=ENDPOINTS)  # outermost: counts the guard's too
     p.add_error_handlers(app)
     app.include_router(api)
+    app.include_router(tokens)
     app.openapi = partial(openapi_with_model, app, model_name)  # type: ignore[method-assign]
     app.include_router(site)
     return app
@@ -113,6 +116,7 @@ def server(request: Request) -> Server:
 
 
 api = APIRouter(prefix="/v1", responses=p.ERROR_RESPONSES)
+tokens = APIRouter(responses=p.ERROR_RESPONSES)  # vLLM's tokenizer endpoints (lm-eval's remote tokenizer)
 site = APIRouter()
 
 
@@ -137,9 +141,12 @@ async def completions(body: p.CompletionRequest, request: Request) -> dict | Str
     prompts = await run_in_threadpool(body.prompt_ids, s.tokenizer)
     max_tokens = body.max_tokens or 16
     s.check_room(prompts, max_tokens, "max_tokens")
+    if body.echo and body.stream:
+        raise p.APIError(400, "echo is not supported with stream", param="echo")
+    scored = body.logprobs if body.echo else None  # echo + logprobs: the prompt tokens' log-probs too
     job = s.submit([ids for ids in prompts for _ in range(body.n)],
                    [body.sampling_params(max_tokens, body.stop_list(), j) for _ in prompts for j in range(body.n)],
-                   body.logprobs, "prompt")
+                   body.logprobs, "prompt", scored)
     head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": p.now(), "model": s.model_name}
 
     def logprobs(lps: list, offset: int) -> dict | None:
@@ -156,8 +163,15 @@ async def completions(body: p.CompletionRequest, request: Request) -> dict | Str
 
         return StreamingResponse(events(), media_type="text/event-stream")
     await collect(job, request)
-    return head | {"choices": [p.completion_choice(i, c.text, logprobs(c.logprobs, 0), c.finish_reason)
-                               for i, c in enumerate(job.choices)], "usage": job.usage(body.n)}
+
+    def choice(i: int, c: Choice) -> dict:
+        if not body.echo:
+            return p.completion_choice(i, c.text, logprobs(c.logprobs, 0), c.finish_reason)
+        ids = prompts[i // body.n]
+        lps = None if scored is None else p.echo_logprobs(s.tokenizer, ids, c.prompt_logprobs or [], c.logprobs)
+        return p.completion_choice(i, s.tokenizer.decode(ids) + c.text, lps, c.finish_reason)
+
+    return head | {"choices": [choice(i, c) for i, c in enumerate(job.choices)], "usage": job.usage(body.n)}
 
 
 @api.post("/chat/completions", response_model=None)
@@ -205,6 +219,39 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> d
             "choices": [p.chat_message(i, c.text.lstrip(), logprobs(c.logprobs), c.finish_reason)
                         for i, c in enumerate(job.choices)],
             "usage": job.usage(body.n)}
+
+
+def special_tokens(tok: Tokenizer) -> dict[str, int]:
+    return {tok.id_to_piece(i): i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if 0 <= i < tok.vocab_size}
+
+
+@tokens.post("/tokenize")
+async def tokenize(body: p.TokenizeRequest, request: Request) -> dict:
+    """Text -> token ids (no BOS unless add_special_tokens); a special token's own text (e.g. the
+    tokenizer_info eos_token) gives its id, as lm-eval's remote tokenizer expects."""
+    s = server(request)
+    special = special_tokens(s.tokenizer)
+    ids = [special[body.prompt]] if body.prompt in special else \
+        await run_in_threadpool(s.tokenizer.encode, body.prompt, body.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": s.engine.max_seq_len}
+
+
+@tokens.post("/detokenize")
+async def detokenize(body: p.DetokenizeRequest, request: Request) -> dict:
+    tok = server(request).tokenizer
+    bad = [t for t in body.tokens if t >= tok.vocab_size]
+    if bad:
+        raise p.APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})", param="tokens")
+    return {"prompt": tok.decode(body.tokens)}
+
+
+@tokens.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> dict:
+    s = server(request)
+    tok = s.tokenizer
+    return {"tokenizer_class": "SentencePiece", "vocab_size": tok.vocab_size, "model_max_length": s.engine.max_seq_len,
+            "bos_token": tok.id_to_piece(tok.bos_id), "eos_token": tok.id_to_piece(tok.eos_id),
+            "pad_token": tok.id_to_piece(tok.pad_id) if tok.pad_id >= 0 else None, "chat_template": None}
 
 
 @site.get("/health", responses={503: {"model": p.ErrorResponse, "description": "the engine is not running"}})

@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grok1.tokenizer import Tokenizer  # noqa: E402
-from grok1.train.data import TokenData, load_shards, tokenize_files  # noqa: E402
-from scripts.make_demo_model import ASSET, SHARED_CORPUS, TRAIN  # noqa: E402
+from grok1.tokenizer import Tokenizer
+from grok1.train.data import TokenData, load_shards, tokenize_files
+from scripts.make_demo_model import ASSET, SHARED_CORPUS, TRAIN
 
 
 def main() -> int:

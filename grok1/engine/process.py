@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from grok1.engine.engine import Engine
-from grok1.engine.generate import TextStream
 from grok1.engine.errors import EngineUnavailable, InvalidRequest, QueueFull, ShuttingDown
+from grok1.engine.generate import TextStream
 from grok1.engine.sampling import SamplingParams
 from grok1.engine.scheduler import Output, check_prompt
 from grok1.tokenizer import Tokenizer

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from grok1.engine.cache import SlotAllocator
-from grok1.engine.errors import ContextOverflow, InvalidRequest, QueueFull  # noqa: F401  QueueFull: re-exported
+from grok1.engine.errors import ContextOverflow, InvalidRequest, QueueFull
 from grok1.engine.generate import TextStream
 from grok1.engine.sampling import SamplingParams
 from grok1.tokenizer import Tokenizer

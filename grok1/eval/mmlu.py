@@ -61,7 +61,7 @@ def load_csv_dir(root: Path) -> tuple[list[dict], dict]:
         dev = root / "dev" / f"{subject}_dev.csv"
         if not dev.is_file():
             raise ValueError(f"{dev}: missing (the 5-shot exemplars of subject {subject!r})")
-        shots, bad = read_csv(dev)
+        shots, _ = read_csv(dev)
         if len(shots) < SHOTS:
             raise ValueError(f"{dev}: has {len(shots)} usable rows, {SHOTS} exemplars are needed")
         rows, bad_test = read_csv(test)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -93,7 +92,8 @@ def isolation() -> str:
             or nobody_python() is None:
         return "audit-hook"
     try:
-        r = subprocess.run(_namespace_command("true"), stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        r = subprocess.run(_namespace_command("true"), stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                           check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "audit-hook"
     return "namespaces" if r.returncode == 0 else "audit-hook"
@@ -110,13 +110,18 @@ def _namespace_command(program: str) -> list[str]:
             "sh", "-c", script]
 
 
-def _set_limits(limits: Limits) -> None:  # in the child, before exec
+# Sets the limits, then becomes the command (argv[2:]). A separate interpreter rather than Popen's preexec_fn,
+# which is unsafe in a process with threads (the evaluation runner scores on worker threads).
+LAUNCHER = ("import os, resource, sys\n"
+            "for name, value in zip(('CPU', 'AS', 'FSIZE', 'CORE', 'NPROC'), map(int, sys.argv[1].split(','))):\n"
+            "    resource.setrlimit(getattr(resource, 'RLIMIT_' + name), (value, value))\n"
+            "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def _limited(argv: list[str], limits: Limits) -> list[str]:
     cpu = int(limits.timeout_s) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb << 20, limits.memory_mb << 20))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb << 20, limits.file_mb << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+    values = (cpu, limits.memory_mb << 20, limits.file_mb << 20, 0, limits.processes)
+    return [sys.executable, "-I", "-S", "-c", LAUNCHER, ",".join(map(str, values)), *argv]
 
 
 def run_python(code: str, limits: Limits = Limits(), timeout_s: float | None = None) -> Result:
@@ -139,8 +144,8 @@ def run_python(code: str, limits: Limits = Limits(), timeout_s: float | None = N
         with open(out_path, "wb") as out, tempfile.TemporaryFile(dir=tmp) as inp:
             inp.write(stdin)
             inp.seek(0)
-            proc = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                    start_new_session=True, preexec_fn=lambda: _set_limits(limits))
+            proc = subprocess.Popen(_limited(argv, limits), stdin=inp, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                    env=env, start_new_session=True)
             try:
                 rc: int | None = proc.wait(timeout=limits.timeout_s)
                 status = "passed" if rc == 0 else "failed"

@@ -1,7 +1,5 @@
 import json
 
-import pytest
-
 from eval_helpers import write_csv_layout
 
 from grok1.eval import mmlu

@@ -121,7 +121,7 @@ def test_mmlu_scripted_right_and_wrong(tmp_path, tok):
     letters = dict(zip(mmlu.LETTERS, [tok.encode(f"Answer: {x}")[-1] for x in mmlu.LETTERS]))
     gold = {tuple(tok.encode(mmlu.prompt(it))): it["answer"] for it in items}
     for name, pick in (("right", lambda g: g), ("wrong", lambda g: "D" if g != "D" else "A")):
-        model = ScriptedModel(lambda ids: letters[pick(gold[ids])])
+        model = ScriptedModel(lambda ids, pick=pick: letters[pick(gold[ids])])
         cfg = EvalConfig(task="mmlu", data=str(tmp_path / "mmlu"), out=tmp_path / f"{name}.json", progress=False)
         rep = evaluate(cfg, model, tok, on_ready=lambda s: None)
         want = 1.0 if name == "right" else 0.0

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--stride", type=int, metavar="S", help="perplexity: tokens between window starts (default "
                    "half the window)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, tp=1, ep=1)  # one process (no torchrun)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     out = Path(args.out or f"grok1-eval-{args.task}.json")
+    model_cfg = config_from_args(args)  # fills in the default --checkpoint
     cfg = EvalConfig(task=args.task, data=str(data), out=out, checkpoint=str(args.checkpoint), limit=args.limit,
                      max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, batch=args.batch_size,
                      window=args.window, stride=args.stride, progress=not args.no_progress)
-    model_cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
     model = model_from_args(args, model_cfg)
     evaluate(cfg, model, tokenizer)

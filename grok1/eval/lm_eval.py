@@ -51,7 +51,8 @@ class Grok1LM(TemplateLM):
     def _load(checkpoint: str | None, device: str) -> tuple[Transformer, Tokenizer]:
         from pathlib import Path
 
-        from grok1.weights.load import load_model, resolve_config
+        from grok1.config import resolve_config
+        from grok1.weights.load import load_model
 
         path = Path(checkpoint) if checkpoint else Path(__file__).resolve().parents[1] / "assets" / "grok-1-mini"
         tokenizer = next((Tokenizer(p) for p in (path / "tokenizer.model", path.parent / "tokenizer.model")

@@ -36,8 +36,9 @@ def write_task(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def demo():
+    from grok1.config import resolve_config
     from grok1.tokenizer import Tokenizer
-    from grok1.weights.load import load_model, resolve_config
+    from grok1.weights.load import load_model
 
     return load_model(DEMO, resolve_config(DEMO, None, None), "cpu"), Tokenizer(DEMO / "tokenizer.model")
 

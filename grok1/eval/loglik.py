@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from grok1.model import Transformer
+from grok1.model import ForwardMeta, Transformer
 
 
 def _batches(seqs: Sequence[Sequence[int]], batch: int) -> Iterator[list[int]]:
@@ -56,7 +56,7 @@ def last_logprobs(model: Transformer, seqs: Sequence[Sequence[int]], token_ids: 
     ids = torch.tensor(list(token_ids), device=model.norm.weight.device)
     for idx in _batches(seqs, batch):
         tokens, lengths = _padded(model, [seqs[i] for i in idx])
-        logp = model(tokens, logits_at=lengths - 1).float().log_softmax(dim=-1)  # [B, V]
+        logp = model(tokens, meta=ForwardMeta(logits_at=lengths - 1)).float().log_softmax(dim=-1)  # [B, V]
         values = logp[:, ids].tolist()  # [B, len(token_ids)]
         for row, i in enumerate(idx):
             out[i] = values[row]

@@ -69,10 +69,10 @@ class ScriptedModel(torch.nn.Module):
         self.config = type("C", (), {"max_seq_len": context, "pad_id": 0})()
         self.norm = torch.nn.LayerNorm(1)
 
-    def forward(self, tokens, logits_at=None):
+    def forward(self, tokens, meta):
         logits = torch.full((tokens.shape[0], self.vocab), -30.0)
         for b in range(tokens.shape[0]):
-            logits[b, self.answer(tuple(tokens[b, : int(logits_at[b]) + 1].tolist()))] = 30.0
+            logits[b, self.answer(tuple(tokens[b, : int(meta.logits_at[b]) + 1].tolist()))] = 30.0
         return logits
 
 

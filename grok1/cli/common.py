@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from grok1.model import Transformer
 from grok1.parallel.dist import Mesh
 from grok1.tokenizer import Tokenizer
 from grok1.weights.load import load_model
-from grok1.weights.source import detect
+from grok1.weights.source import detect, find_release_dir
 
 # The bundled demo model (package data): what every --checkpoint option means when it is omitted.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "grok-1-mini"
@@ -138,15 +139,36 @@ def config_from_args(args: argparse.Namespace, checkpoint: bool = True) -> Model
     return cfg
 
 
+LOUD_LOAD_BYTES = 1 << 30  # checkpoints from this size on say that they are loading, and how long it took
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    """The files that hold a checkpoint's weights: safetensors shards or the release's tensor pickles (not
+    trainer_state.pt, tokens, logs or anything else that may sit beside them)."""
+    legacy = find_release_dir(ckpt)
+    if legacy is not None:
+        return sorted(f for f in legacy.glob("tensor*") if f.is_file())
+    return sorted(f for f in ckpt.glob("*.safetensors") if f.is_file())
+
+
 def model_from_args(args: argparse.Namespace, cfg: ModelConfig, mesh: Mesh | None = None) -> Transformer:
     if mesh is None and args.tp * args.ep > 1:
         raise ValueError(f"--tp {args.tp} --ep {args.ep}: `grok1 {args.command}` runs in one process; "
                          f"generate and score run under torchrun")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    size = sum(f.stat().st_size for f in weight_files(Path(args.checkpoint)))
+    loud = size >= LOUD_LOAD_BYTES and (mesh is None or mesh.rank == 0)
+    if loud:  # a large checkpoint takes a while: say so, so a silent terminal is not mistaken for a hang
+        print(f"grok1 {args.command}: loading {args.checkpoint} ({size / 1e9:.1f} GB of weights)...", file=sys.stderr,
+              flush=True)
+    start = time.perf_counter()
     # Inference only (generate, chat, serve, score, check): the kernel's weight layout where it runs.
     # pack=None: panels unless the weights do not fit in the memory this process may use (then kept mapped).
-    return load_model(args.checkpoint, cfg, args.device, dtype, pack=False if getattr(args, "no_pack", False) else None,
-                      mesh=mesh)
+    model = load_model(args.checkpoint, cfg, args.device, dtype, pack=False if getattr(args, "no_pack", False) else None,
+                       mesh=mesh)
+    if loud:
+        print(f"grok1 {args.command}: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return model
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:

@@ -1,13 +1,20 @@
-"""`grok1 generate`: continue one or more prompts."""
+"""`grok1 generate`: continue one or more prompts.
+
+Output: each prompt followed by its continuation (several prompts: separated by a `---` line; --json: one object
+a line). --stream prints the prompt, then the continuation as it comes. A summary (tokens, tokens/s) goes to
+stderr unless --quiet. Prompts come from the arguments, stdin (`-`) or files (--file).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 
 from grok1.cli import ranks
-from grok1.cli.common import check_sampling, config_from_args, model_from_args, seed_arg, tokenizer_from_args
+from grok1.cli.common import (check_sampling, config_from_args, model_from_args, seed_arg, texts_from_args,
+                              tokenizer_from_args)
 from grok1.engine.generate import generate_stream
 from grok1.config import ModelConfig
 from grok1.engine.sampling import SamplingParams
@@ -17,7 +24,9 @@ from grok1.tokenizer import Tokenizer
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("generate", parents=[common], help="continue text prompts",
                        description="Continue one or more prompts (several prompts run as one batch).")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to continue; - reads one prompt from stdin")
+    p.add_argument("--file", action="append", default=[], metavar="PATH",
+                   help="continue the text of this UTF-8 file (repeatable: one prompt per file)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
                    help="sampling temperature; 0 = greedy (default 0.8)")
@@ -30,16 +39,39 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
     p.add_argument("--bos", action="store_true", help="prepend the BOS token (the reference does not)")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt only)")
+    out.add_argument("--stream", action="store_true",
+                     help="print the prompt, then the text as it is generated (one prompt only)")
     out.add_argument("--json", action="store_true",
                      help="print one JSON object per prompt: prompt_ids, token_ids, text, finish_reason")
+    p.add_argument("--quiet", action="store_true", help="no summary (tokens, tokens/s) on stderr")
     p.set_defaults(run=run)
+
+
+SEPARATOR = "---"  # the line between the outputs of several prompts
+
+
+def check_room(prompts: list[list[int]], max_new_tokens: int, context: int) -> None:
+    """Each prompt and its --max-new-tokens must fit the context (the server answers 400 for the same)."""
+    for i, ids in enumerate(prompts):
+        if len(ids) + max_new_tokens > context:
+            room = context - len(ids)
+            hint = f"use --max-new-tokens {room} or less" if room >= 1 else "shorten the prompt"
+            raise ValueError(f"prompt {i + 1} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that "
+                             f"is {len(ids) + max_new_tokens}, beyond the model's context of {context} tokens: {hint}")
+
+
+def summary(completions: list, seconds: float) -> str:
+    new = sum(len(c.token_ids) for c in completions)
+    prompt = sum(len(c.prompt_ids) for c in completions)
+    return (f"grok1 generate: {new} tokens for {len(completions)} prompt{'s' * (len(completions) > 1)} "
+            f"({prompt} prompt tokens) in {seconds:.2f} s, {new / max(seconds, 1e-9):.1f} tokens/s")
 
 
 def run(args: argparse.Namespace) -> int:
     check_sampling(args)
+    args.prompts = texts_from_args(args.prompts, args.file, "PROMPT")
     if args.stream and len(args.prompts) > 1:
-        raise ValueError("--stream takes a single prompt")
+        raise ValueError(f"--stream takes a single prompt, got {len(args.prompts)}")
     cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
     job = ranks.join(args, cfg)
@@ -54,21 +86,31 @@ def _generate(args: argparse.Namespace, cfg: ModelConfig, tokenizer: Tokenizer, 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=ranks.common_seed(job, args.seed), max_new_tokens=args.max_new_tokens,
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-    model = model_from_args(args, cfg, job.mesh if job else None)
     prompts = [tokenizer.encode(p, bos=args.bos) for p in args.prompts]
+    check_room(prompts, args.max_new_tokens, cfg.max_seq_len)
+    model = model_from_args(args, cfg, job.mesh if job else None)
     completions = {}
+    start = time.perf_counter()
+    if args.stream:
+        sys.stdout.write(args.prompts[0])
+        sys.stdout.flush()
     for row, _, new_text, completion in generate_stream(model, prompts, [params] * len(prompts), tokenizer):
         completions[row] = completion
         if args.stream:
             sys.stdout.write(new_text)
             sys.stdout.flush()
+    seconds = time.perf_counter() - start
     if args.stream:
         print()
-        return
-    for i, prompt in enumerate(args.prompts):
+    for i, prompt in enumerate(args.prompts if not args.stream else []):
         c = completions[i]
         if args.json:
             print(json.dumps({"prompt": prompt, "prompt_ids": c.prompt_ids, "token_ids": c.token_ids,
                               "text": c.text, "finish_reason": c.finish_reason}))
         else:
+            if i:
+                print(SEPARATOR)
             print(prompt + c.text)
+    sys.stdout.flush()
+    if not args.quiet and (job is None or job.rank == 0):
+        print(summary([completions[i] for i in range(len(prompts))], seconds), file=sys.stderr)

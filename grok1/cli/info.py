@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from grok1.cli.common import DEFAULT_CHECKPOINT, config_from_args
+from grok1.cli.common import DEFAULT_CHECKPOINT, config_from_args, weight_files
 from grok1.config import PRESETS, ModelConfig
 from grok1.weights.source import find_release_dir
 
@@ -42,15 +42,6 @@ def run_presets(args: argparse.Namespace) -> int:
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
-
-
-def weight_files(ckpt: Path) -> list[Path]:
-    """The files that hold a checkpoint's weights: safetensors shards or the release's tensor pickles (not
-    trainer_state.pt, tokens, logs or anything else that may sit beside them)."""
-    legacy = find_release_dir(ckpt)
-    if legacy is not None:
-        return sorted(f for f in legacy.glob("tensor*") if f.is_file())
-    return sorted(f for f in ckpt.glob("*.safetensors") if f.is_file())
 
 
 def weight_kind(ckpt: Path) -> str:

@@ -37,7 +37,7 @@ def test_generate_batch_and_stream(golden, model_args, capsys):
     assert [r["token_ids"] for r in rows] == golden["greedy_fp32"][:, :6].tolist()
     assert main(["generate", *model_args, prompts[1], "--temperature", "0", "--max-new-tokens", "6",
                  "--ignore-eos", "--stream"]) == 0
-    assert capsys.readouterr().out == rows[1]["text"] + "\n"
+    assert capsys.readouterr().out == prompts[1] + rows[1]["text"] + "\n"  # the prompt, as plain mode prints it
 
 
 def test_score_json(model_args, capsys):
@@ -356,3 +356,49 @@ def test_texts_from_stdin_and_files(tmp_path):
     run = subprocess.run([sys.executable, "-m", "grok1", "score", "--file", str(bad)], capture_output=True,
                          text=True, check=False)
     assert run.returncode == 2 and f"{bad} is not UTF-8 text: byte 0xff at byte offset 3" in run.stderr
+
+
+def test_generate_output_a_user_can_read_and_pipe(tmp_path, capsys, monkeypatch):
+    """Several prompts are separated, --stream shows the prompt too, a summary with tokens/s goes to stderr,
+    a large checkpoint says it is loading, prompts come from stdin or files."""
+    from grok1.cli import common
+
+    prompts = ["It was", "The lady said"]
+    assert main(["generate", *prompts, "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    parts = out.split("\n---\n")
+    assert len(parts) == 2 and parts[0].startswith("It was") and parts[1].startswith("The lady said")
+    assert "grok1 generate: " in err and "tokens/s" in err and "2 prompts" in err
+    assert main(["generate", prompts[0], "--temperature", "0", "--max-new-tokens", "12", "--stream", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == parts[0].rstrip("\n") + "\n" and err == ""  # the same text as plain mode, prompt first
+    monkeypatch.setattr(common, "LOUD_LOAD_BYTES", 0)
+    assert main(["generate", prompts[0], "--max-new-tokens", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "loading" in err and "MB of weights" not in err and "loaded in" in err
+    story = tmp_path / "prompt.txt"
+    story.write_text("It was")
+    run = subprocess.run([sys.executable, "-m", "grok1", "generate", "-", "--file", str(story), "--temperature", "0",
+                          "--max-new-tokens", "12", "--json"], input=b"The lady said", capture_output=True, check=False)
+    rows = [json.loads(line) for line in run.stdout.decode().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The lady said", "It was"]
+    assert rows[1]["prompt"] + rows[1]["text"] == parts[0].rstrip("\n")
+
+
+def test_generate_refuses_more_new_tokens_than_the_context_holds(capsys):
+    assert main(["generate", "It was", "--max-new-tokens", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 1 has 2 tokens; with --max-new-tokens 100000 that is 100002, beyond the model's context of 256 " \
+           "tokens: use --max-new-tokens 254 or less" in err
+    assert main(["generate", "It was", "--max-new-tokens", "254", "--ignore-eos", "--quiet", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 254  # exactly the room there is
+
+
+def test_a_closed_pipe_ends_generate_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "grok1", "generate", "It was", "--stream", "--ignore-eos",
+                             "--max-new-tokens", "250", "--temperature", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(6) == b"It was"  # then the reader goes away, as `| head -c 6` does
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "Broken pipe" not in err, err

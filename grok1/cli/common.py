@@ -14,7 +14,7 @@ from grok1.model import Transformer
 from grok1.parallel.dist import Mesh
 from grok1.tokenizer import Tokenizer
 from grok1.weights.load import load_model
-from grok1.weights.source import detect, find_release_dir
+from grok1.weights.source import detect, find_release_dir, open_source
 
 # The bundled demo model (package data): what every --checkpoint option means when it is omitted.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "grok-1-mini"
@@ -126,10 +126,10 @@ def config_from_args(args: argparse.Namespace, checkpoint: bool = True) -> Model
         args.checkpoint = str(DEFAULT_CHECKPOINT)
     if not Path(args.checkpoint).exists():
         raise ValueError(f"checkpoint directory {args.checkpoint} does not exist")
-    cfg = resolve_config(args.checkpoint, args.config, args.preset)
-    own_config = Path(args.checkpoint) / "config.json"
-    if (args.config or args.preset) and own_config.is_file() and detect(args.checkpoint) != "release":
-        own = resolve_config(args.checkpoint)
+    cfg = resolve_config(args.checkpoint, args.config, args.preset) if not carries_config(args.checkpoint) else None
+    if cfg is None:  # grok1's format or an HF layout: the checkpoint's own config
+        own = open_source(args.checkpoint).config
+        cfg = resolve_config(None, args.config, args.preset) if (args.config or args.preset) else own
         if own != cfg:
             diff = [f"{k} {getattr(own, k)} vs {getattr(cfg, k)}" for k in own.to_dict()
                     if getattr(own, k) != getattr(cfg, k)]
@@ -137,6 +137,11 @@ def config_from_args(args: argparse.Namespace, checkpoint: bool = True) -> Model
             raise ValueError(f"checkpoint {args.checkpoint} carries its own config.json, and {flag} describes a "
                              f"different model ({', '.join(diff[:4])}); leave {flag.split()[0]} out")
     return cfg
+
+
+def carries_config(checkpoint: str | Path) -> bool:
+    """grok1's format and the HF layouts hold their config (the release does not)."""
+    return (Path(checkpoint) / "model.safetensors.index.json").is_file() and detect(checkpoint) != "release"
 
 
 LOUD_LOAD_BYTES = 1 << 30  # checkpoints from this size on say that they are loading, and how long it took

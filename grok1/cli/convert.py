@@ -116,7 +116,7 @@ def _check_existing(dst: Path, source: Source, to: str, dtype: str) -> int:
             return sum(f.stat().st_size for f in dst.glob("*.safetensors"))
         raise ValueError(f"{dst} holds an unfinished conversion of {key.get('source', 'another checkpoint')}; "
                          "--force replaces it, or choose another DST")
-    if st.is_checkpoint(dst):
+    if (dst / st.INDEX).is_file():
         try:
             other = open_source(dst)
         except (ValueError, OSError):

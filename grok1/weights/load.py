@@ -106,6 +106,7 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
         shard(model, mesh)  # meta: the placeholders take the slices' shapes
     for name, tensor in source.tensors() if mesh is None else rank_tensors(source, cfg, mesh):
         _assign(model, name, tensor.to(device), dtype)
+    _no_scales_for_float(model)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
@@ -150,6 +151,16 @@ def _stored_formats(model: Transformer, source: Source, dtype: torch.dtype) -> N
         swap_to_int8(model)
     if "tok_embeddings.scales" in source.names():  # an int8 / bf16 table
         model.tok_embeddings = QEmbedding(model.config.vocab_size, model.config.dim, dtype, "meta")
+
+
+def _no_scales_for_float(model: Transformer) -> None:
+    """A matrix stored as bf16 (or fp32) has no scales in the checkpoint: its module's scales placeholder
+    becomes empty, as quant.pack gives it (a grok1 bf16 checkpoint, or one converted back from HF bf16)."""
+    for module in model.modules():
+        for weight, scales in (("weight", "scales"), ("w1", "s1"), ("w2", "s2"), ("w3", "s3")):
+            w, s = module._buffers.get(weight), module._buffers.get(scales)
+            if s is not None and s.is_meta and w is not None and not w.is_meta and w.is_floating_point():
+                module._buffers[scales] = torch.empty(0, dtype=torch.bfloat16, device=w.device)
 
 
 def checkpoint_identity(path: Path) -> dict:

@@ -29,7 +29,7 @@ from torch import Tensor
 from grok1 import kernels
 from grok1.engine.cache import clear_slot
 from grok1.engine.errors import ShuttingDown
-from grok1.engine.sampling import SamplingParams, logprobs, sample_requests
+from grok1.engine.sampling import SamplingParams, logprobs, sample_requests, within_vocab
 from grok1.engine.scheduler import Batch, Emit, Output, Request, Scheduler, TokenLogprob, check_prompt
 from grok1.model import ForwardMeta, Transformer
 from grok1.panels import is_packed
@@ -211,6 +211,7 @@ class Engine:
 
     def _sample(self, logits: Tensor, reqs: list[Request]) -> Tensor:
         """One token per request, with its own SamplingParams and generator (greedy rows: argmax)."""
+        logits = within_vocab(logits, self.tokenizer.vocab_size if self.tokenizer is not None else None)
         return sample_requests(logits, [r.params for r in reqs], [r.generator for r in reqs], kernels.argmax)
 
     def _logprobs(self, logits: Tensor, tokens: Tensor, reqs: list[Request]) -> list[TokenLogprob | None]:

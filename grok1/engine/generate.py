@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from grok1 import kernels
-from grok1.engine.sampling import SamplingParams, make_generators, sample_requests
+from grok1.engine.sampling import SamplingParams, make_generators, sample_requests, within_vocab
 from grok1.model import ForwardMeta, KVCache, Transformer
 from grok1.tokenizer import StreamDecoder, Tokenizer
 
@@ -116,7 +116,8 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
 
     logits = prefill(model, cache, prompts)
     while True:
-        tokens = sample_requests(logits, params, generators, kernels.argmax)
+        tokens = sample_requests(within_vocab(logits, tokenizer.vocab_size if tokenizer else None), params,
+                                 generators, kernels.argmax)
         for row, token in enumerate(tokens.tolist()):
             c, sp, stream = done[row], params[row], streams[row]
             if c.finish_reason is not None:

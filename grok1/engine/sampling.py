@@ -158,6 +158,14 @@ def sample_requests(logits: Tensor, params: Sequence[SamplingParams],
     return tokens
 
 
+def within_vocab(logits: Tensor, n: int | None) -> Tensor:
+    """logits [B, V] with the ids from n on at -inf (a new tensor; the same one when n is None or V): a
+    model whose vocabulary outnumbers its tokenizer's pieces never samples an id that has no text."""
+    if n is None or n >= logits.size(-1):
+        return logits
+    return torch.cat([logits[:, :n], torch.full_like(logits[:, n:], -math.inf)], dim=-1)
+
+
 def with_logit_bias(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     """logits [B, V] plus each row's logit_bias (a new tensor; the same one when no row has a bias).
     Ids outside the vocabulary are the caller's to refuse; here they are skipped."""

@@ -14,6 +14,7 @@ from grok1.engine.sampling import (
     top_k_filter,
     top_logprobs,
     top_p_filter,
+    within_vocab,
 )
 
 NEG_INF = float("-inf")
@@ -255,3 +256,12 @@ def test_logit_bias_bans_and_forces_tokens() -> None:
     for bad in [((1, math.nan),), ((-1, 1.0),), ((1.5, 1.0),), [(1, 1.0)]]:
         with pytest.raises(ValueError, match="SamplingParams.logit_bias="):
             SamplingParams(logit_bias=bad)
+
+
+def test_within_vocab_masks_ids_the_tokenizer_lacks():
+    logits = torch.tensor([[0.0, 1.0, 5.0, 9.0], [3.0, 2.0, 1.0, 0.0]])
+    masked = within_vocab(logits, 2)
+    assert masked.tolist() == [[0.0, 1.0, NEG_INF, NEG_INF], [3.0, 2.0, NEG_INF, NEG_INF]]
+    assert logits[0, 3] == 9.0  # the caller's logits are untouched
+    assert within_vocab(logits, None) is logits and within_vocab(logits, 4) is logits
+    assert masked.argmax(-1).tolist() == [1, 0]

@@ -185,3 +185,20 @@ def test_release_checkpoint_fine_tunes_and_merges(golden_dir, pattern_file, tmp_
     # An existing output is never overwritten.
     assert main(["train", "merge", "--adapter", str(adapter), *release, "--out", str(merged)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_model_larger_than_its_tokenizer_never_samples_ids_without_text(tokenizer_path, tmp_path, capsys):
+    """Made before train refused it (or by hand): vocabulary 512, tokenizer 320 pieces. generate and chat must
+    not sample ids 320..511, which have no text (decoding one used to crash with a traceback)."""
+    from grok1.model import Transformer, init_weights
+    from grok1.weights.load import save_model
+
+    model = Transformer(small_config(vocab_size=512, max_seq_len=128))
+    init_weights(model, torch.Generator().manual_seed(3))
+    save_model(model, tmp_path / "m", tokenizer_path)
+    ids = []
+    for seed in range(3):
+        assert main(["generate", "--checkpoint", str(tmp_path / "m"), "The lady", "--temperature", "3",
+                     "--max-new-tokens", "60", "--ignore-eos", "--seed", str(seed), "--json", "--quiet"]) == 0
+        ids += json.loads(capsys.readouterr().out)["token_ids"]
+    assert len(ids) == 180 and max(ids) < 320 and len(set(ids)) > 50  # sampled widely, never beyond 319

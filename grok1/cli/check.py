@@ -7,7 +7,6 @@ import argparse
 from grok1.cli.common import config_from_args, model_from_args
 from grok1.eval.check import compare, load_golden
 
-
 # Default tolerances (hidden-state relative error, logit abs error) per golden precision. fp32: the golden
 # README's exactness levels. bf16: what bf16 rounding with other kernels reaches on the golden model (its README
 # calls max abs ~1.5 logits normal; our bf16 compute differs by up to 4.4 logits and 0.34 relative on the 12-layer

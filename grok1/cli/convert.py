@@ -9,9 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from grok1.config import resolve_config
 from grok1.weights import convert as conv
 from grok1.weights import safetensors as st
-from grok1.config import resolve_config
 from grok1.weights.source import Source, open_source
 
 

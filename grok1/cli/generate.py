@@ -13,10 +13,16 @@ import sys
 import time
 
 from grok1.cli import ranks
-from grok1.cli.common import (check_sampling, config_from_args, model_from_args, seed_arg, texts_from_args,
-                              tokenizer_from_args)
-from grok1.engine.generate import generate_stream
+from grok1.cli.common import (
+    check_sampling,
+    config_from_args,
+    model_from_args,
+    seed_arg,
+    texts_from_args,
+    tokenizer_from_args,
+)
 from grok1.config import ModelConfig
+from grok1.engine.generate import generate_stream
 from grok1.engine.sampling import SamplingParams
 from grok1.tokenizer import Tokenizer
 

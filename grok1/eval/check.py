@@ -35,7 +35,7 @@ def load_golden(path: str | Path) -> dict[str, np.ndarray]:
     except Exception:  # noqa: BLE001  numpy's many ways of not understanding a file (ValueError, BadZipFile, ...)
         raise ValueError(f"{path} is not a golden .npz file (numpy cannot read it)") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is not a golden .npz file (it holds a single array, not named arrays)")
+        raise ValueError(f"{path} is not a golden .npz file (it holds a single array, not named arrays)")  # noqa: TRY004
     try:
         with data:
             return {k: data[k] for k in data.files}

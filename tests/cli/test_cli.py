@@ -242,7 +242,7 @@ def test_chat_url_errors_are_one_line(capsys):
     import threading
 
     class Locked(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             body = json.dumps({"error": {"message": "invalid API key", "type": "invalid_request_error"}}).encode()
             self.send_response(401)
             self.send_header("Content-Type", "application/json")

@@ -123,7 +123,7 @@ def test_layout_keeps_header_and_input_in_view_at_desktop_and_phone_sizes(demo, 
     model, tok = demo
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                             {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 700})
-    with live_server(model, tok, max_batch=2, max_seq_len=256, name="grok-1-mini") as (url, engine):
+    with live_server(model, tok, max_batch=2, max_seq_len=256, name="grok-1-mini") as (url, _engine):
         browser.get(url + "/")
         find = browser.find_element
         wait_for(lambda: "context 256" in find(By.ID, "model").text, what="the model and its context")

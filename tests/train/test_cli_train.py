@@ -127,7 +127,7 @@ def test_sequences_longer_than_the_context_are_refused_by_flag(pattern_file, tmp
 
 def test_non_utf8_text_names_the_file_and_offset(tmp_path, tokenizer_path, capsys):
     bad = tmp_path / "latin1.txt"
-    bad.write_bytes("The lady said hello.\n".encode() * 3 + "Caf\xe9\n".encode("latin-1"))
+    bad.write_bytes(b"The lady said hello.\n" * 3 + "Caf\xe9\n".encode("latin-1"))
     run = tmp_path / "run"
     assert main(["train", "--data", str(bad), "--config", str(_config(tmp_path)), "--tokenizer",
                  str(tokenizer_path), "--out", str(run)]) == 2

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "
           f"chat page at http://{args.host}:{args.port}/", flush=True)
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
-    serve(engine, tokenizer, name, args.host, args.port, api_key=key,
-          system_prompt=PERSONAS[args.persona] if args.persona else None, shutdown_timeout=args.shutdown_timeout,
-          allowed_hosts=hosts, **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
-    return 0
+    return serve(engine, tokenizer, name, args.host, args.port, api_key=key,
+                 system_prompt=PERSONAS[args.persona] if args.persona else None,
+                 shutdown_timeout=args.shutdown_timeout, allowed_hosts=hosts,
+                 **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))

@@ -15,6 +15,13 @@ The child builds its own Engine by calling `build()` (a picklable zero-argument 
 weights are loaded once, in the process that uses them. Given the `tokenizer`, the parent turns token
 ids into text itself (the model's process is the busy one), except for requests with stop strings,
 whose text the child needs to see.
+
+Liveness: the child sends a heartbeat every second from a thread of its own (a long model step does not
+stop it; a stopped or frozen process does). After `heartbeat_timeout` seconds without any message the
+parent calls the engine stalled (`stalled()`): it fails the pending requests with finish reason
+"unavailable", refuses new ones, and recovers if the child answers again. A child that exits on its own
+calls `on_death(exit code)` (the server then exits non-zero, so a supervisor restarts it). The child
+watches its parent and exits when it is gone, also while it is still loading the model.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -68,14 +76,16 @@ _output_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Output
 
 class EngineProcess:
     def __init__(self, build: Callable[[], Engine], tokenizer: Tokenizer | None = None,
-                 cpus: set[int] | None = None, start_timeout: float = 600.0) -> None:
-        """`cpus`: pin the child (and the threads it starts) to these CPUs (Linux)."""
+                 cpus: set[int] | None = None, start_timeout: float = 600.0, heartbeat_timeout: float = 15.0) -> None:
+        """`cpus`: pin the child (and the threads it starts) to these CPUs (Linux). `heartbeat_timeout`: seconds
+        of silence after which the child counts as stalled (module doc)."""
         self.tokenizer = tokenizer
+        self.heartbeat_timeout = heartbeat_timeout
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited OpenMP or torch thread state
         child_in, self._to_child = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self._from_child, child_out = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_child_main, args=(build, child_out, child_in, cpus), name="grok1-engine",
-                                daemon=True)
+        self.proc = ctx.Process(target=_child_main, args=(build, child_out, child_in, cpus, os.getpid()),
+                                name="grok1-engine", daemon=True)
         self.proc.start()
         child_in.close()
         child_out.close()
@@ -95,6 +105,9 @@ class EngineProcess:
         self.max_queue: int = info["max_queue"]
         self._stats: dict = info["stats"]
         self.on_step: Callable[[int, float], None] | None = None
+        self.on_death: Callable[[int | None], None] | None = None  # the child exited on its own (exit code)
+        self.last_heard = time.monotonic()
+        self._stall_reported = False
         self.lock = threading.Lock()  # guards requests, the send pipe and the flags
         self.requests: dict[str, RemoteRequest] = {}
         self._ids = itertools.count()
@@ -114,6 +127,9 @@ class EngineProcess:
             if not self.alive():
                 raise EngineUnavailable(f"the engine process is not running (exit code {self.proc.exitcode}); "
                                    "see the server log")
+            if self.stalled():
+                raise EngineUnavailable(f"the engine process has not answered for {self.silence():.0f} s (stopped "
+                                        "or hung); see the server log")
             request_id = request_id if request_id is not None else f"r{next(self._ids)}"
             if request_id in self.requests:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -144,6 +160,14 @@ class EngineProcess:
     def alive(self) -> bool:
         return self.proc.is_alive() and self.reader.is_alive()
 
+    def silence(self) -> float:
+        """Seconds since the child's last message (outputs or heartbeat)."""
+        return time.monotonic() - self.last_heard
+
+    def stalled(self) -> bool:
+        """The child is running but has sent nothing, not even its heartbeat, for `heartbeat_timeout` s."""
+        return self.silence() > self.heartbeat_timeout
+
     def start(self) -> None:
         """The child runs from construction on; nothing to do (for Engine compatibility)."""
 
@@ -168,9 +192,16 @@ class EngineProcess:
     def _read(self) -> None:
         while True:
             try:
+                if not self._from_child.poll(1.0):
+                    self._watch()
+                    continue
                 kind, payload = self._from_child.recv()
             except (EOFError, OSError):
                 break
+            self.last_heard = time.monotonic()
+            if kind == "beat":
+                self._watch()
+                continue
             if kind == "stopped":
                 break
             outputs, stats, step = payload
@@ -186,9 +217,29 @@ class EngineProcess:
                         del self.requests[out.request_id]
                 if req is not None and req.on_output is not None:
                     req.on_output(req.text_of(out))
-        if not self.stopping:
+        died = not self.stopping
+        if died:
+            self.proc.join(5)
             log.error("the engine process exited (exit code %s); failing its requests", self.proc.exitcode)
-        self._fail_all("error" if not self.stopping else "cancelled")
+        self._fail_all("error" if died else "cancelled")
+        if died and self.on_death is not None:
+            self.on_death(self.proc.exitcode)
+
+    def _watch(self) -> None:
+        """On the reader thread, at least once a second: notice the child going silent, and coming back."""
+        if self.stalled() and not self._stall_reported and not self.stopping:
+            self._stall_reported = True
+            log.error("the engine process (pid %s) has not answered for %.0f s (stopped or hung); failing its "
+                      "requests and refusing new ones until it answers", self.proc.pid, self.silence())
+            with self.lock:
+                try:
+                    self._to_child.send(("cancel_all",))  # done if it ever wakes up
+                except OSError:
+                    pass
+            self._fail_all("unavailable")
+        elif self._stall_reported and not self.stalled():
+            self._stall_reported = False
+            log.warning("the engine process answers again")
 
     def _fail_all(self, reason: str) -> None:
         with self.lock:
@@ -210,8 +261,35 @@ def pin_process(cpus: set[int]) -> None:
             pass
 
 
-def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection, cpus: set[int] | None) -> None:
+def _watch_parent(parent: int) -> None:
+    """Exit this process (at once, even mid-load) when `parent` is gone: a child must not outlive its server."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="grok1-parent-watch", daemon=True).start()
+
+
+def _heartbeat(send: Callable[[bytes], None], seconds: float = 1.0) -> None:
+    """Tell the parent this process is alive every `seconds`, from a thread of its own (module doc)."""
+    beat = pickle.dumps(("beat", None), pickle.HIGHEST_PROTOCOL)
+
+    def run() -> None:
+        while True:
+            time.sleep(seconds)
+            try:
+                send(beat)
+            except OSError:  # the parent is gone
+                return
+
+    threading.Thread(target=run, name="grok1-heartbeat", daemon=True).start()
+
+
+def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection, cpus: set[int] | None,
+                parent: int) -> None:
     """The child: build the Engine, then step it, reading requests between steps."""
+    _watch_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     if cpus:
         pin_process(cpus)
@@ -229,11 +307,18 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection,
     out.send(("ready", {"max_seq_len": engine.max_seq_len, "vocab_size": engine.model.config.vocab_size,
                         "max_batch": engine.config.max_batch, "max_queue": engine.config.max_queue,
                         "stats": engine.stats()}))
+    sending = threading.Lock()  # the heartbeat thread shares the pipe
+
+    def send(data: bytes) -> None:
+        with sending:
+            out.send_bytes(data)
+
+    _heartbeat(send)
 
     def flush() -> None:
         if outputs or steps:
             # pickle.dumps, not Connection.send: its ForkingPickler copies the reducer table on every call
-            out.send_bytes(pickle.dumps(("outputs", ([_output_fields(o) for o in outputs], engine.stats(),
+            send(pickle.dumps(("outputs", ([_output_fields(o) for o in outputs], engine.stats(),
                                                      steps[-1] if steps else None)), pickle.HIGHEST_PROTOCOL))
             outputs.clear()
             steps.clear()
@@ -272,4 +357,4 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection,
     with engine.lock:
         engine._deliver(engine.scheduler.abort_all("cancelled"))
     flush()
-    out.send(("stopped", None))
+    send(pickle.dumps(("stopped", None)))

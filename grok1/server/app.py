@@ -258,9 +258,10 @@ async def tokenizer_info(request: Request) -> dict:
 async def health(request: Request) -> JSONResponse:
     s = server(request)
     stats = s.engine.stats()
-    ok = s.engine.alive()
-    return JSONResponse({"status": "ok" if ok else "engine stopped", "model": s.model_name} | stats,
-                        status_code=200 if ok else 503)
+    stalled = isinstance(s.engine, EngineProcess) and s.engine.stalled()
+    ok = s.engine.alive() and not stalled
+    status = "ok" if ok else "engine not answering" if stalled else "engine stopped"
+    return JSONResponse({"status": status, "model": s.model_name} | stats, status_code=200 if ok else 503)
 
 
 @site.get("/metrics", response_class=PlainTextResponse, responses={401: p.ERROR_RESPONSES[401]})

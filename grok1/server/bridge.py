@@ -128,6 +128,9 @@ class Job:
         reasons = {c.finish_reason for c in self.choices}
         if "error" in reasons:
             return p.APIError(500, "the model failed while generating; see the server log", "server_error")
+        if "unavailable" in reasons:
+            return p.APIError(503, "the engine stopped answering (stopped or hung); retry later", "server_error",
+                              code="engine_unavailable")
         if "cancelled" in reasons:
             return p.APIError(503, "the request was cancelled: the server is shutting down", "server_error")
         return None
@@ -163,7 +166,7 @@ async def stream_outputs(job: Job) -> AsyncIterator[tuple[int, Output]]:
     try:
         while not job.done:
             for i, out in await job.next():
-                if out.finish_reason in ("error", "cancelled"):
+                if out.finish_reason in ("error", "cancelled", "unavailable"):
                     out = dataclasses.replace(out, finish_reason=None)
                 if out.text or out.logprobs or out.finish_reason:
                     yield i, out

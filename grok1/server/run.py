@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import sys
 import threading
 from collections.abc import Collection
 from types import FrameType
@@ -125,9 +126,10 @@ class _Server(uvicorn.Server):
 def serve(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name: str, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, system_prompt: str | None = None,
           shutdown_timeout: float = 10.0, allowed_hosts: Collection[str] | None = None,
-          max_body_bytes: int = MAX_BODY_BYTES) -> None:
-    """Serve until interrupted (blocks). `allowed_hosts`: the Host names to answer ("*": any); None:
-    default_allowed_hosts(host)."""
+          max_body_bytes: int = MAX_BODY_BYTES) -> int:
+    """Serve until interrupted (blocks); returns 0, or 3 when the engine process died (a supervisor should
+    restart the server: the engine is not restarted in place). `allowed_hosts`: the Host names to answer
+    ("*": any); None: default_allowed_hosts(host)."""
     if allowed_hosts is None:
         hosts = default_allowed_hosts(host)
     else:
@@ -136,7 +138,20 @@ def serve(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name: str,
                      allowed_hosts=hosts, max_body_bytes=max_body_bytes, body_timeout=BODY_TIMEOUT)
     # uvicorn's own deadline is a backstop only: the engine has cancelled every stream well before it.
     config = uvicorn_config(app, host, port, timeout_graceful_shutdown=int(shutdown_timeout) + 10, log_level="info")
+    server = _Server(config, engine, shutdown_timeout)
+    died: list[int | None] = []
+    if isinstance(engine, EngineProcess):
+        def on_death(code: int | None) -> None:
+            died.append(code)
+            server.should_exit = True
+
+        engine.on_death = on_death
     try:
-        _Server(config, engine, shutdown_timeout).run()
+        server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after shutting down cleanly
         pass
+    if died:
+        print(f"grok1 serve: the engine process died (exit code {died[0]}); exiting with status 3 so that a "
+              "supervisor restarts the server", file=sys.stderr, flush=True)
+        return 3
+    return 0

@@ -1,6 +1,7 @@
 """`grok1 chat` and `grok1 serve` as a user runs them: real subprocesses, real stdin, real signals."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -297,3 +298,41 @@ def test_ten_turns_in_a_terminal_with_line_editing_and_history(tmp_path):
     assert "dropped the oldest turn" in screen  # ten turns do not fit in 256 tokens
     history = (tmp_path / ".grok1_history").read_text()
     assert "Thank you!" in history and f"/save {saved}" in history
+
+
+def engine_child(pid):
+    """The pid of `grok1 serve`'s engine process (its multiprocessing child that is not the resource tracker)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    return None
+
+
+def test_serve_exits_non_zero_when_its_engine_process_dies(model_args):
+    """After the engine dies the server cannot answer anything but 503: it exits (status 3) so a supervisor
+    restarts it, failing the running stream with an error event first."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "grok1", "serve", *model_args, "--port", str(port),
+                               "--max-seq-len", "2048", "--max-batch", "2"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    events = []
+    try:
+        logs = Reader(server)
+        logs.wait_for(lambda t: "Uvicorn running" in t or server.poll() is not None)
+        child = engine_child(server.pid)
+        assert child is not None, logs.text[-2000:]
+        body = {"model": "tiny-ckpt", "prompt": "Go on forever:", "max_tokens": 2000, "stream": True,
+                "ignore_eos": True}
+        reader = stream_in_background(url, body, events)
+        deadline = time.monotonic() + 60
+        while len(events) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(child, signal.SIGKILL)
+        assert server.wait(timeout=120) == 3, logs.text[-3000:]
+        reader.join(timeout=60)
+    finally:
+        server.kill() if server.poll() is None else None
+    assert "the engine process died (exit code -9)" in logs.text, logs.text[-3000:]
+    assert events[-1] == "data: [DONE]" and '"error"' in events[-2], events[-3:]

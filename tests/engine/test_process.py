@@ -2,14 +2,19 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 
 from grok1.cli.common import tokenizer_from_args
 from grok1.cli.main import build_parser
 from grok1.cli.serve import engine_from_args
+from grok1.engine.errors import EngineUnavailable
 from grok1.engine.process import EngineProcess
 from grok1.engine.sampling import SamplingParams
 from grok1.engine.scheduler import QueueFull
@@ -172,3 +177,72 @@ def test_serve_pins_the_engine_only_when_cpus_are_left_for_http():
     assert engine_cpus(serve_args("--no-pin"), cfg) is None
     assert engine_cpus(serve_args("--engine-thread"), cfg) is None
     assert engine_cpus(serve_args("--threads", str(max(1, len(cpus)))), cfg) is None  # nothing left for HTTP
+
+
+def wait_until(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_a_stopped_engine_process_fails_its_requests_and_recovers():
+    """SIGSTOP: the heartbeat stops, the parent calls it stalled within its timeout, fails what was running
+    ("unavailable", the server's 503) and refuses new work; after SIGCONT it serves again."""
+    proc = EngineProcess(partial(engine_from_args, serve_args()), tokenizer_from_args(serve_args()),
+                         heartbeat_timeout=2.0)
+    try:
+        running = Collector()
+        proc.add_request([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=120, ignore_eos=True),
+                         on_output=running)
+        wait_until(lambda: running.outputs, what="the first token")
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            assert running.done.wait(60), "the request never failed"
+            assert running.outputs[-1].finish_reason == "unavailable" and proc.stalled()
+            with pytest.raises(EngineUnavailable, match="has not answered"):
+                proc.add_request([1, 2], SamplingParams(max_new_tokens=2))
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        wait_until(lambda: not proc.stalled(), what="the heartbeat to come back")
+        again = Collector()
+        proc.add_request([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=3), on_output=again)
+        assert again.done.wait(60) and again.outputs[-1].finish_reason == "length"
+    finally:
+        proc.shutdown()
+
+
+PARENT = """
+import sys, time
+from functools import partial
+from grok1.engine.process import EngineProcess
+EngineProcess(partial(time.sleep, 3600))  # a child that 'loads the model' for an hour
+"""
+
+
+def test_the_engine_process_dies_with_its_parent():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT])
+    try:
+        def engine_pids():  # (not multiprocessing's resource tracker, also a child)
+            tasks = Path(f"/proc/{parent.pid}/task")
+            pids = [int(p) for t in tasks.iterdir() for p in (t / "children").read_text().split()] \
+                if tasks.exists() else []
+            return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+        wait_until(engine_pids, what="the engine process to start")
+        child = engine_pids()[0]
+        time.sleep(1.0)  # well into its start-up
+        parent.kill()  # SIGKILL: the parent can clean nothing up
+        parent.wait(30)
+
+        def gone():
+            try:
+                return Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] in "ZX"
+            except OSError:
+                return True
+
+        wait_until(gone, timeout=30, what=f"the orphaned engine process {child} to exit")
+    finally:
+        parent.kill() if parent.poll() is None else None

@@ -26,16 +26,17 @@ def load_tokenizer():
 
 @contextmanager
 def live_server(model, tok, max_batch=8, max_seq_len=256, max_queue=64, header_timeout=10.0, name=MODEL,
-                **app_options):
-    """Serve `model` with uvicorn on 127.0.0.1 (a free port), with `grok1 serve`'s uvicorn settings; yields
-    (base_url, engine)."""
+                engine=None, **app_options):
+    """Serve `model` (or a given `engine`) with uvicorn on 127.0.0.1 (a free port), with `grok1 serve`'s uvicorn
+    settings; yields (base_url, engine)."""
     import uvicorn
 
     from grok1.engine.engine import Engine, EngineConfig
     from grok1.server.app import create_app
     from grok1.server.run import uvicorn_config
 
-    engine = Engine(model, tok, EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue))
+    if engine is None:
+        engine = Engine(model, tok, EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue))
     app = create_app(engine, tok, name, **app_options)
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, header_timeout, log_level="warning",
                                            timeout_graceful_shutdown=5))

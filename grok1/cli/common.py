@@ -179,7 +179,7 @@ def model_from_args(args: argparse.Namespace, cfg: ModelConfig, mesh: Mesh | Non
 def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
     if args.tokenizer:
         return Tokenizer(args.tokenizer)
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(args.checkpoint or DEFAULT_CHECKPOINT)  # as config_from_args, which may not have run yet
     for candidate in (ckpt / "tokenizer.model", ckpt.parent / "tokenizer.model"):
         if candidate.is_file():
             return Tokenizer(candidate)

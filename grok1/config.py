@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+LIMITS = {"vocab_size": 1 << 21, "dim": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+          "head_dim": 1024, "n_experts": 1024, "n_active_experts": 1024, "ffn_dim": 1 << 20, "max_seq_len": 1 << 21}
+
+
+def _short(value: object) -> str:
+    """A config value for an error message, cut short (a config file may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def ffn_size(widening_factor: float, dim: int) -> int:
@@ -42,11 +52,24 @@ class ModelConfig:
     eos_id: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "n_experts", "n_active_experts", "ffn_dim", "max_seq_len"):
+        # Bounds far above any real model (Grok-1: 131072, 6144, 64, 48, 8, 128, 8, 2, 32768, 8192) but low enough
+        # that a config can never make building the model (even on the meta device) exhaust memory.
+        for name, most in LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            if type(value) is not int or not 0 < value <= most:
+                raise ValueError(f"ModelConfig.{name} must be an integer in 1..{most}, got {_short(value)}")
+        for name in ("embedding_multiplier", "output_multiplier", "attn_scale", "attn_softcap", "norm_eps",
+                     "rope_base"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a finite number >= 0, got {_short(value)}")
+        if self.norm_eps <= 0 or self.rope_base <= 0:
+            raise ValueError(f"ModelConfig.norm_eps and rope_base must be > 0, got {self.norm_eps}, {self.rope_base}")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value < self.vocab_size:
+                raise ValueError(f"ModelConfig.{name} must be a token id in 0..{self.vocab_size - 1}, "
+                                 f"got {_short(value)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
                              f"n_kv_heads ({self.n_kv_heads})")
@@ -93,10 +116,14 @@ class ModelConfig:
     def from_reference_json(cls, path: str | Path) -> ModelConfig:
         """Read a config written with the release's run.py field names (e.g. shared/golden/tiny-config.json)."""
         path = Path(path)
+        if path.exists() and not path.is_file():  # a FIFO would block the read forever
+            raise ValueError(f"model config {path}: not a regular file")
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read model config {path}: {e}") from None
+            raw = json.loads(path.read_bytes())
+        except OSError as e:
+            raise ValueError(f"cannot read model config {path}: {e.strerror or e}") from None
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, nesting deeper than the stack
+            raise ValueError(f"model config {path}: not valid JSON") from None
         if not isinstance(raw, dict):
             raise ValueError(f"model config {path}: expected a JSON object")
         return cls.from_dict(raw, source=str(path))
@@ -104,6 +131,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> ModelConfig:
         """Accept either our field names or the reference's run.py names (not both for one field)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in raw.items():
@@ -113,14 +142,18 @@ class ModelConfig:
                     raise ValueError(f"{source}: field {key!r} conflicts with another name for {name!r}")
                 kwargs[name] = value
         if "ffn_dim" not in kwargs and "widening_factor" in raw:
-            kwargs["ffn_dim"] = ffn_size(raw["widening_factor"], kwargs.get("dim", cls.dim))
+            w, d = raw["widening_factor"], kwargs.get("dim", cls.dim)
+            if type(w) not in (int, float) or not 0 < w <= 64 or type(d) is not int or not 0 < d <= LIMITS["dim"]:
+                raise ValueError(f"{source}: widening_factor must be a number in (0, 64] (and dim an integer), "
+                                 f"got {_short(w)}")
+            kwargs["ffn_dim"] = ffn_size(w, d)
         missing = [k for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim")
                    if k not in kwargs]
         if missing:
             raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
         try:
             return cls(**kwargs)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict:

@@ -10,6 +10,7 @@ import ctypes
 import mmap
 import os
 import queue
+import stat
 import sys
 import threading
 import zlib
@@ -22,14 +23,34 @@ from torch import Tensor
 ALIGN = 4096  # O_DIRECT granularity: data written with it starts at a multiple of it and goes in multiples
 
 
+def check_regular(path: str | Path) -> Path:
+    """`path` (as a Path) if it is a regular file, following symlinks. Anything else is a ValueError naming it:
+    reading a FIFO blocks until a writer comes (forever), a device may never end. A missing file is left to
+    the open that follows (FileNotFoundError)."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ValueError(f"{path}: is {kind}, expected a regular file")
+    return path
+
+
 def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write to `path.tmp`, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+    """Write to `path.tmp`, fsync, rename: a crash leaves the old file or the new one, never half of one; an
+    error (a full disk) removes the temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.writelines([data] if isinstance(data, bytes) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines([data] if isinstance(data, bytes) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: no half-written .tmp left to fill it further
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

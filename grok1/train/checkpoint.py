@@ -8,6 +8,9 @@
 Every file is written to a temporary name, fsynced and renamed (fileio.write_atomic).
 A new step's directory is complete before `latest` points at it, so an interrupted save leaves
 `latest` on the previous checkpoint; older step directories are pruned only after that.
+A save that fails (a full disk) removes what it wrote; what a killed one left (`*.tmp` files, a step
+directory `latest` does not name and that has no trainer state) is removed by the next save and
+on resume (`latest`), so the space comes back without anyone freeing it by hand.
 """
 
 from __future__ import annotations
@@ -38,15 +41,21 @@ def save(run_dir: str | Path, step: int, model: Transformer, state: dict, tokeni
     all but the newest `keep` step directories. Returns the step directory."""
     run_dir = Path(run_dir)
     out = step_dir(run_dir, step)
+    clean_partial(run_dir)
     (out / STATE).unlink(missing_ok=True)  # a re-save of this step is incomplete until the state is back
-    if has_lora(model):
-        save_adapters(model, out)
-    else:
-        save_model(model, out, tokenizer)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_atomic(out / STATE, buf.getvalue())
-    write_atomic(run_dir / LATEST, (out.name + "\n").encode())
+    try:
+        if has_lora(model):
+            save_adapters(model, out)
+        else:
+            save_model(model, out, tokenizer)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_atomic(out / STATE, buf.getvalue())
+        write_atomic(run_dir / LATEST, (out.name + "\n").encode())
+    except OSError as e:
+        clean_partial(run_dir)
+        raise OSError(e.errno, f"cannot save the checkpoint of step {step} in {out} ({e.strerror or e}); what "
+                      f"was written of it is removed, the last complete checkpoint is kept") from None
     steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         if old != out:
@@ -54,8 +63,24 @@ def save(run_dir: str | Path, step: int, model: Transformer, state: dict, tokeni
     return out
 
 
+def clean_partial(run_dir: Path) -> None:
+    """Remove what an interrupted or failed save left in a run directory: `*.tmp` files, and step directories
+    other than the one `latest` names that have no trainer state (never complete)."""
+    if not run_dir.is_dir():
+        return
+    pointer = run_dir / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    for tmp in [*run_dir.glob("*.tmp"), *run_dir.glob("step-*/*.tmp")]:
+        tmp.unlink(missing_ok=True)
+    for d in run_dir.glob("step-*"):
+        if d.is_dir() and d.name != named and not (d / STATE).is_file():
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None when it has none yet."""
+    """The newest complete checkpoint directory of a run, or None when it has none yet (after removing what
+    an interrupted save left: `clean_partial`)."""
+    clean_partial(Path(run_dir))
     pointer = Path(run_dir) / LATEST
     if not pointer.is_file():
         return None

@@ -20,14 +20,20 @@ atomically; a manifest (`.grok1-convert.json`) records the CRC-32 of every finis
 with the same source, target and options re-hashes the finished shards, skips those that match
 and writes the rest, so an interrupted conversion ends with the same bytes as an uninterrupted
 one. The index is written last (a directory with an index is complete), then the verification
-pass re-reads every shard against the recorded checksums. GGUF is one file, written to a
-temporary name and renamed when complete.
+pass re-reads every shard against the recorded checksums. The manifest stays: a rerun after the
+index was written (e.g. killed during the verification) re-hashes and keeps every shard. GGUF is
+one file, written to a temporary name and renamed when complete.
+
+Safety: DST may not be SRC (also through a symlink, a bind mount or another spelling of the path) nor
+contain it; convert deletes only what it wrote: unfinished `.tmp` shards and shards its manifest
+recorded that the new plan no longer has.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -159,9 +165,27 @@ def read_ahead(src: Source, units: list[str], sizes: dict[str, int]) -> Iterator
             yield unit, data
 
 
-def _stale_shards(out: Path, keep: set[str]) -> list[Path]:
-    pattern = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(\.tmp)?")
-    return [f for f in out.iterdir() if pattern.fullmatch(f.name) and f.name not in keep]
+def _stale_shards(out: Path, keep: set[str], ours: set[str]) -> list[Path]:
+    """Files of an earlier run to delete: its unfinished `.tmp` shards, and the finished shards it recorded
+    (`ours`) that the plan no longer has. Never a file convert did not write."""
+    pattern = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+    return [f for f in out.iterdir() if f.name not in keep and f.is_file()
+            and (f.name in ours or (f.name.endswith(".tmp") and pattern.fullmatch(f.name.removesuffix(".tmp"))))]
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """Refuse a DST that is SRC or holds it (convert writes config.json, tokenizer.model and shards into DST)."""
+    s, d = src.resolve(), dst.resolve()
+    same = s == d
+    if not same and src.exists() and dst.exists():
+        try:
+            same = os.path.samefile(src, dst)  # the same directory through a bind mount or a hard link
+        except OSError:
+            pass
+    if same or d in s.parents:
+        raise ValueError(f"the destination {dst} {'is' if same else 'contains'} the source checkpoint {src}: "
+                         "convert would overwrite or delete its files; write to a new directory "
+                         "(to check a checkpoint in place: grok1 convert DIR DIR --verify-only)")
 
 
 def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str = "vllm",
@@ -177,9 +201,9 @@ def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str
     out.mkdir(parents=True, exist_ok=True)
     (out / st.INDEX).unlink(missing_ok=True)  # incomplete until the index is back
     manifest = _read_manifest(out / MANIFEST)
-    done: dict[str, str] = manifest["done"] if manifest.get("key") == key else {}
+    done: dict[str, str] = dict(manifest["done"]) if manifest.get("key") == key else {}
     files = [st.shard_name(i, len(plan)) for i in range(len(plan))]
-    for stale in _stale_shards(out, set(files)):
+    for stale in _stale_shards(out, set(files), set(manifest.get("done", {}))):
         stale.unlink()
     weight_map: dict[str, str] = {}
     sha: dict[str, str] = {}
@@ -212,7 +236,7 @@ def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str
         except OSError as e:
             raise OSError(e.errno, f"cannot write {file} ({e.strerror or e}); nothing half-written is left, "
                           f"{len(done)} finished shards are kept: free space and rerun to resume") from None
-        write_atomic(out / MANIFEST, json.dumps({"key": key, "done": done}).encode())
+        write_atomic(out / MANIFEST, json.dumps({"key": key, "done": dict(sorted(done.items()))}).encode())
         result.bytes_written += file.stat().st_size
     tokenizer = tokenizer or src.tokenizer
     if target == "grok1":
@@ -224,15 +248,18 @@ def convert_sharded(src: Source, out: Path, target: str, dtype: str, layout: str
     st.copy_tokenizer(tokenizer, out)
     total = sum((out / f).stat().st_size - st.read_header(out / f)[1] for f in files)
     st.write_index(out, weight_map, total, sha)
-    (out / MANIFEST).unlink(missing_ok=True)
     return result
 
 
 def _read_manifest(file: Path) -> dict:
+    """The manifest of an earlier run ({} if none or unreadable: then nothing is reused)."""
     try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("done"), dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in manifest["done"].items())
+    return manifest if ok else {}
 
 
 def planned_bytes(src: Source, target: str, dtype: str, layout: str = "vllm") -> int:
@@ -257,6 +284,11 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
     """Convert checkpoint `src` to format `to` in `dst` (a directory; for gguf a .gguf file). See module doc."""
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; valid: {', '.join(TARGETS)}")
+    if to != "gguf":
+        check_destination(Path(src), Path(dst))
+    elif Path(src).resolve() in Path(dst).resolve().parents and Path(dst).exists() and Path(dst).suffix != ".gguf":
+        raise ValueError(f"the destination {dst} is an existing file of the source checkpoint {src}; write the "
+                         ".gguf file elsewhere")
     source = open_source(src, config, preset)
     dtype = dtype or default_target_dtype(source, to)
     if dtype not in TARGETS[to]:

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from grok1.config import ModelConfig
+from grok1.fileio import check_regular
 from grok1.weights import hf, names
 from grok1.weights.source import Source, float_pieces, fuse, model_shapes, scale_rows
 
@@ -217,9 +218,20 @@ def export(src: Source, out: Path, dtype: str, tokenizer: Path | None,
     return written_total, notes
 
 
+def _reader(file: str | Path) -> gguf.GGUFReader:
+    """gguf's reader over `file`; whatever it trips on in a malformed file becomes one ValueError naming the file."""
+    file = check_regular(file)
+    try:
+        return gguf.GGUFReader(file)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a third-party parser of untrusted bytes: any failure is bad data
+        raise ValueError(f"{file}: not a readable GGUF file ({type(e).__name__})") from None
+
+
 def check(file: Path, tensors: list) -> None:
     """Re-open a written file with gguf's reader: every planned tensor present with its type and shape."""
-    reader = gguf.GGUFReader(file)
+    reader = _reader(file)
     found = {t.name: t for t in reader.tensors}
     for name, _, _, shape, qtype in tensors:
         t = found.get(name)
@@ -231,8 +243,18 @@ def check(file: Path, tensors: list) -> None:
 
 def read(file: str | Path) -> tuple[dict, dict[str, Tensor]]:
     """(metadata {key: value}, {our name: float32 tensor}) of a GGUF file written by `export`, through
-    gguf's GGUFReader (Q8_0 and F16 dequantised; q/k/v fused back into wqkv)."""
-    reader = gguf.GGUFReader(file)
+    gguf's GGUFReader (Q8_0 and F16 dequantised; q/k/v fused back into wqkv). ValueError naming the file for
+    anything else."""
+    reader = _reader(file)
+    try:
+        return _read(reader, file)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a missing key, a short tensor, a wrong type: the file's fault
+        raise ValueError(f"{file}: not a GGUF file as grok1 writes them ({type(e).__name__})") from None
+
+
+def _read(reader: gguf.GGUFReader, file: str | Path) -> tuple[dict, dict[str, Tensor]]:
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     by_name = {t.name: t for t in reader.tensors}
     ours: dict[str, list[Tensor]] = {}

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from grok1.config import ModelConfig
+from grok1.fileio import check_regular
 
 
 class CheckpointError(ValueError):
@@ -153,8 +154,10 @@ class _SafeUnpickler(pickle.Unpickler):
         raise CheckpointError(f"refused persistent id {_describe(pid)}")
 
 
-def _describe(obj: Any) -> str:
-    """A short description for error messages (never the repr of a possibly huge payload)."""
+def _describe(obj: Any, depth: int = 0) -> str:
+    """A short description for error messages (never the repr of a possibly huge or deeply nested payload)."""
+    if depth > 3:
+        return "..."
     if isinstance(obj, _Array) and obj.array is not None:
         return f"{'bfloat16' if obj.bf16 else obj.array.dtype} array of shape {list(obj.array.shape)}"
     if isinstance(obj, np.ndarray):
@@ -162,7 +165,7 @@ def _describe(obj: Any) -> str:
     if isinstance(obj, str) and len(obj) < 40:
         return repr(obj)
     if isinstance(obj, tuple):
-        inner = ", ".join(_describe(x) for x in obj[:8])
+        inner = ", ".join(_describe(x, depth + 1) for x in obj[:8])
         return f"({inner}{', ...' if len(obj) > 8 else ',' if len(obj) == 1 else ''})"
     if obj is None or type(obj) in (bool, int):
         return repr(obj)
@@ -179,7 +182,10 @@ def read_tensor(file: str | Path) -> np.ndarray | QuantizedWeight8bit:
     naming the file, when it is missing or unreadable, truncated or corrupt, refers to anything
     outside the allow-list, or holds another top-level object.
     """
-    file = Path(file)
+    try:
+        file = check_regular(file)  # a FIFO would block the read forever
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     try:
         with open(file, "rb") as f:  # buffered: the unpickler reads each payload straight into its bytes
             obj = _SafeUnpickler(f).load()

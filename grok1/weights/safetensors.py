@@ -30,6 +30,7 @@ import math
 import mmap
 import os
 import struct
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,13 @@ import torch
 from torch import Tensor
 
 from grok1.config import ModelConfig
-from grok1.fileio import ALIGN, DirectWriter, crc32, write_atomic
+from grok1.fileio import ALIGN, DirectWriter, check_regular, crc32, write_atomic
 from grok1.quant import CONFIG_NAMES
+from grok1.weights.validate import DTYPES, check_header, read_json, short
 
 INDEX = "model.safetensors.index.json"
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
-           "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+_DTYPES = DTYPES
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 PIECE_BYTES = 64 << 20  # tensors are written (and converted) in pieces of at most this many bytes
 
@@ -132,8 +133,11 @@ def write_shard(file: Path, tensors: Iterable[tuple[str, Stream]], ndims: dict[s
 
 
 def write_index(out: Path, weight_map: dict[str, str], total: int, checksums: dict[str, str]) -> None:
-    """The index, written last: its presence marks a complete checkpoint."""
-    index = {"metadata": {"total_size": total, "crc32": dict(sorted(checksums.items()))}, "weight_map": weight_map}
+    """The index, written last: its presence marks a complete checkpoint. It records each shard's data CRC-32
+    (`checksums`) and its header's (computed here), so verification covers every byte."""
+    headers = {shard: header_checksum(out / shard) for shard in sorted(checksums)}
+    index = {"metadata": {"total_size": total, "crc32": dict(sorted(checksums.items())), "header_crc32": headers},
+             "weight_map": weight_map}
     write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
 
 
@@ -188,19 +192,39 @@ def save_checkpoint(tensors: dict[str, Tensor], cfg: ModelConfig, out_dir: str |
 
 
 def read_header(file: str | Path) -> tuple[dict, int]:
-    """The safetensors JSON header of `file` and the byte offset where tensor data starts."""
+    """The safetensors JSON header of `file` and the byte offset where tensor data starts, checked
+    (`check_header`): what it says about every tensor is possible in this file. ValueError naming the file
+    (and the tensor and field) otherwise; the message never quotes the file's bytes."""
+    file = check_regular(file)
+    size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ValueError(f"{file}: truncated safetensors file (no header)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise ValueError(f"{file}: corrupt safetensors header (claims {n} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{file}: corrupt safetensors header") from None
+        if n > min(100 << 20, size - 8):
+            raise ValueError(f"{file}: not a safetensors file, or a corrupt one (its header length is larger "
+                             f"than {'the file' if n > size - 8 else '100 MB'})")
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting deeper than the stack
+        raise ValueError(f"{file}: corrupt safetensors header (not JSON)") from None
+    check_header(header, file, size - 8 - n)
     return header, 8 + n
+
+
+def header_checksum(file: Path) -> str:
+    """CRC-32 of a shard's header bytes (the length and the JSON): the part the data CRC does not cover."""
+    _, start = read_header(file)
+    with open(file, "rb") as f:
+        return f"{zlib.crc32(f.read(start)):08x}"
+
+
+def _entry(header: dict, name: str, file: Path) -> dict:
+    if name not in header or name == "__metadata__":
+        raise ValueError(f"{file}: holds no tensor {short(name)} (the index says it does)")
+    return header[name]
 
 
 def open_shard(file: str | Path) -> dict[str, Tensor]:
@@ -214,11 +238,7 @@ def open_shard(file: str | Path) -> dict[str, Tensor]:
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-        if start + end > size:
-            raise ValueError(f"{file}: truncated: tensor {name} ends at byte {start + end}, file has {size}")
+        dtype = _DTYPES[info["dtype"]]  # checked by read_header
         count = (end - begin) // torch.tensor([], dtype=dtype).element_size()
         t = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
         out[name] = t.view(info["shape"])
@@ -228,11 +248,10 @@ def open_shard(file: str | Path) -> dict[str, Tensor]:
 def read_config(path: str | Path) -> tuple[ModelConfig, str]:
     """(ModelConfig, weight kind as config.json spells it) of a grok1 checkpoint directory."""
     file = Path(path) / "config.json"
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {file}: {e}") from None
-    kind = raw.get("grok1", {}).get("weights")
+    raw = read_json(file)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    kind = raw.get("grok1", {}).get("weights") if isinstance(raw.get("grok1"), dict) else None
     if kind not in CONFIG_NAMES.values():
         raise ValueError(f"{file}: missing or unknown grok1.weights {kind!r} "
                          f"(expected one of {tuple(CONFIG_NAMES.values())})")
@@ -240,12 +259,24 @@ def read_config(path: str | Path) -> tuple[ModelConfig, str]:
 
 
 def read_index(path: str | Path) -> dict:
-    """The index of a checkpoint directory (grok1's or an HF layout): {"metadata": .., "weight_map": {name: shard}}."""
+    """The index of a checkpoint directory (grok1's or an HF layout): {"metadata": .., "weight_map": {name: shard}},
+    checked: every shard is a file name inside the directory (never a path out of it), the checksums strings."""
     file = Path(path) / INDEX
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {file}: {e}") from None
+    index = read_json(file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{file}: no \"weight_map\" object")
+    for name, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard not in ("", ".", "..") and Path(shard).name == shard
+                and "\\" not in shard and "\0" not in shard):
+            raise ValueError(f"{file}: weight_map[{short(name)}] = {short(shard)} is not a file name in the "
+                             "checkpoint directory")
+    metadata = index.get("metadata", {})
+    if not isinstance(metadata, dict) or not all(
+            isinstance(metadata.get(k, {}), dict) and all(isinstance(v, str) for v in metadata.get(k, {}).values())
+            for k in ("crc32", "header_crc32")):
+        raise ValueError(f"{file}: \"metadata\" must be an object whose crc32 and header_crc32 map shards to strings")
+    return index
 
 
 def open_checkpoint(path: str | Path) -> dict[str, Tensor]:
@@ -275,11 +306,14 @@ def verify_checkpoint(path: str | Path, progress: Callable[[int], object] | None
     path = Path(path)
     index = read_index(path)
     recorded = index.get("metadata", {}).get("crc32", {})
+    headers = index.get("metadata", {}).get("header_crc32", {})
     for shard in sorted(set(index["weight_map"].values())):
         file = path / shard
         if not file.is_file():
             raise ValueError(f"{path}: shard {shard} named in {INDEX} is missing")
         header, start = read_header(file)
+        if shard in headers and header_checksum(file) != headers[shard]:
+            raise ValueError(f"{file}: corrupt: the CRC-32 of its header differs from the one recorded in {INDEX}")
         expected = {n for n, s in index["weight_map"].items() if s == shard}
         if expected - set(header):
             raise ValueError(f"{file}: corrupt header: lacks {min(expected - set(header))}")
@@ -295,9 +329,9 @@ def read_slice(path: str | Path, name: str, axis: int, start: int, stop: int) ->
     """Read tensor `name`[..., start:stop, ...] (slice along `axis`) from a checkpoint directory, reading
     only the bytes of the slice from its shard (what a tensor-parallel rank needs)."""
     path = Path(path)
-    shard = read_index(path)["weight_map"][name]
+    shard = _shard_of(path, name)
     header, data_start = read_header(path / shard)
-    info = header[name]
+    info = _entry(header, name, path / shard)
     shape, dtype = info["shape"], _DTYPES[info["dtype"]]
     axis = axis % len(shape)
     item = torch.tensor([], dtype=dtype).element_size()
@@ -318,9 +352,16 @@ def read_slice(path: str | Path, name: str, axis: int, start: int, stop: int) ->
 
 def read_tensor(path: str | Path, name: str) -> Tensor:
     """One whole tensor of a checkpoint directory, read with pread into fresh memory (not mapped)."""
-    shard = read_index(path)["weight_map"][name]
+    shard = _shard_of(Path(path), name)
     header, _ = read_header(Path(path) / shard)
-    shape = header[name]["shape"]
+    shape = _entry(header, name, Path(path) / shard)["shape"]
     if not shape:
         return open_shard(Path(path) / shard)[name].clone()
     return read_slice(path, name, 0, 0, shape[0])
+
+
+def _shard_of(path: Path, name: str) -> str:
+    weight_map = read_index(path)["weight_map"]
+    if name not in weight_map:
+        raise ValueError(f"{path / INDEX}: lists no tensor {short(name)}")
+    return weight_map[name]

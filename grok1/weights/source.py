@@ -40,6 +40,7 @@ from grok1.quant import CONFIG_NAMES, unpack, weight_format
 from grok1.weights import hf, legacy, names
 from grok1.weights import safetensors as st
 from grok1.weights.legacy import CheckpointError
+from grok1.weights.validate import short
 
 
 class Source:
@@ -110,6 +111,7 @@ class Grok1Source(Source):
         config, kind = st.read_config(path)
         super().__init__(path, config, next(f for f, n in CONFIG_NAMES.items() if n == kind))
         self.weight_map = st.read_index(path)["weight_map"]
+        check_tensors(path, self.weight_map, config)
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -146,6 +148,43 @@ class HFSource(Source):
             parts.setdefault(part, []).append(st.read_tensor(self.path, hf_name))
         return fuse([(torch.stack(ts) if "experts" in name else ts[0], None) for ts in parts.values()],
                     f"{self.path}: {name}")
+
+
+def check_tensors(path: Path, weight_map: dict[str, str], cfg: ModelConfig) -> None:
+    """A grok1 checkpoint's index and shard headers against its config, before anything is built or read: the
+    tensors the config needs are there, nothing else is, and each weight has the config's shape."""
+    shapes = model_shapes(cfg)
+    where = f"{path / st.INDEX}"
+    missing = [n for n in shapes if n not in weight_map]
+    if missing:
+        raise CheckpointError(f"{where}: lacks tensor {missing[0]}{f' and {len(missing) - 1} more' if missing[1:] else ''}"
+                              f", which its config.json ({cfg.n_layers} layers, {cfg.n_experts} experts) needs")
+    owners = {names.scales_name(n): n for n in shapes if names.scales_name(n)}
+    allowed = set(shapes) | set(owners)
+    extra = [n for n in weight_map if n not in allowed and n.removesuffix(".scales") + ".weight" not in shapes]
+    if extra:
+        raise CheckpointError(f"{where}: lists tensor {short(extra[0])}, which its config.json has no place for")
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            raise CheckpointError(f"{path}: shard {shard} named in {st.INDEX} is missing")
+        header, _ = st.read_header(path / shard)
+        for name, shard_of in weight_map.items():
+            if shard_of != shard:
+                continue
+            if name not in header or name == "__metadata__":
+                raise CheckpointError(f"{path / shard}: lacks tensor {name} (the index puts it there)")
+            got = header[name]["shape"]
+            if header[name]["dtype"] == "U8" and got:  # int4: two values per byte along the input axis
+                got = [*got[:-1], 2 * got[-1]]
+            if name in shapes and tuple(got) != shapes[name]:
+                raise CheckpointError(f"{path / shard}: tensor {name} has shape {got}, its config.json says "
+                                      f"{list(shapes[name])}")
+            owner = owners.get(name)
+            if owner is not None and 0 not in got:  # int8 scales [.., groups, out], int4 [.., out, blocks]; or empty
+                lead, out = shapes[owner][:-2], shapes[owner][-2]
+                if len(got) != len(lead) + 2 or tuple(got[:-2]) != lead or out not in got[-2:]:
+                    raise CheckpointError(f"{path / shard}: scales {name} have shape {got}, which does not fit "
+                                          f"its weight's {list(shapes[owner])}")
 
 
 def find_release_dir(path: str | Path) -> Path | None:

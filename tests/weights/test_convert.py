@@ -45,7 +45,7 @@ def release_to_grok1(golden_dir, tmp_path_factory):
 def test_release_to_grok1_is_bit_identical_with_identical_logits(release_to_grok1, golden_model, golden_config,
                                                                   golden):
     assert st.read_config(release_to_grok1) == (golden_config, "int8")
-    assert not (release_to_grok1 / conv.MANIFEST).exists()
+    assert (release_to_grok1 / conv.MANIFEST).exists()  # kept: a rerun reuses every shard (test_rerun_...)
     converted = load_model(release_to_grok1, golden_config)
     same_weights(golden_model, converted)
     ids = torch.tensor(golden["prompt_ids"][:1, :11], dtype=torch.long)

@@ -68,6 +68,8 @@ def hf_config(cfg: ModelConfig, layout: str, dtype: torch.dtype) -> dict:
 
 def config_from_hf(raw: dict, source: str) -> ModelConfig:
     """ModelConfig from an HF config.json: our exact block when present, else the HF fields."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a JSON object")
     if isinstance(raw.get("grok1"), dict) and isinstance(raw["grok1"].get("config"), dict):
         return ModelConfig.from_dict(raw["grok1"]["config"], source=source)
     pick = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
@@ -81,7 +83,8 @@ def config_from_hf(raw: dict, source: str) -> ModelConfig:
     fields.setdefault("ffn_dim", raw.get("intermediate_size"))
     fields["n_experts"] = raw.get("num_local_experts", raw.get("num_experts", 8))
     fields["attn_softcap"] = raw.get("attn_logit_softcapping", raw.get("max_attn_value", 30.0))
-    if "head_dim" not in fields and "hidden_size" in raw and "num_attention_heads" in raw:
+    if "head_dim" not in fields and type(raw.get("hidden_size")) is int and type(raw.get("num_attention_heads")) is int \
+            and raw["num_attention_heads"] > 0:
         fields["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
     return ModelConfig.from_dict({k: v for k, v in fields.items() if v is not None}, source=source)
 

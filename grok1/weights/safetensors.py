@@ -285,7 +285,7 @@ def open_checkpoint(path: str | Path) -> dict[str, Tensor]:
     weight_map = read_index(path)["weight_map"]
     tensors: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        if not (path / shard).is_file():
+        if not (path / shard).exists():
             raise ValueError(f"{path}: shard {shard} named in {INDEX} is missing")
         tensors.update(open_shard(path / shard))
     missing = set(weight_map) - set(tensors)
@@ -309,7 +309,7 @@ def verify_checkpoint(path: str | Path, progress: Callable[[int], object] | None
     headers = index.get("metadata", {}).get("header_crc32", {})
     for shard in sorted(set(index["weight_map"].values())):
         file = path / shard
-        if not file.is_file():
+        if not file.exists():
             raise ValueError(f"{path}: shard {shard} named in {INDEX} is missing")
         header, start = read_header(file)
         if shard in headers and header_checksum(file) != headers[shard]:

@@ -26,7 +26,6 @@ Memory: `read` holds one of our weights (and, for the release, the files of its 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from grok1.quant import CONFIG_NAMES, unpack, weight_format
 from grok1.weights import hf, legacy, names
 from grok1.weights import safetensors as st
 from grok1.weights.legacy import CheckpointError
-from grok1.weights.validate import short
+from grok1.weights.validate import read_json, short
 
 
 class Source:
@@ -132,7 +131,7 @@ class HFSource(Source):
 
     def __init__(self, path: Path) -> None:
         file = path / "config.json"
-        config = hf.config_from_hf(json.loads(file.read_text()), str(file))
+        config = hf.config_from_hf(read_json(file), str(file))
         self.weight_map = st.read_index(path)["weight_map"]
         self.layout = hf.detect_layout(set(self.weight_map))
         probe = st.read_tensor(path, names.column(names.LAYER[3], hf.LAYOUTS[self.layout], 0))  # an o_proj
@@ -165,7 +164,7 @@ def check_tensors(path: Path, weight_map: dict[str, str], cfg: ModelConfig) -> N
     if extra:
         raise CheckpointError(f"{where}: lists tensor {short(extra[0])}, which its config.json has no place for")
     for shard in sorted(set(weight_map.values())):
-        if not (path / shard).is_file():
+        if not (path / shard).exists():
             raise CheckpointError(f"{path}: shard {shard} named in {st.INDEX} is missing")
         header, _ = st.read_header(path / shard)
         for name, shard_of in weight_map.items():
@@ -201,8 +200,9 @@ def detect(path: str | Path) -> str:
     path = Path(path)
     if (path / st.INDEX).is_file():
         try:
-            hf_config = json.loads((path / "config.json").read_text()).get("model_type") == "grok-1"
-        except (OSError, ValueError, AttributeError):
+            raw = read_json(path / "config.json")
+            hf_config = isinstance(raw, dict) and raw.get("model_type") == "grok-1"
+        except ValueError:
             hf_config = False  # grok1's reader names what is wrong with config.json
         return "hf" if hf_config else "grok1"
     if find_release_dir(path) is not None:

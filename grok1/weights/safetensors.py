@@ -268,6 +268,7 @@ def read_index(path: str | Path) -> dict:
         raise ValueError(f"{file}: no \"weight_map\" object")
     for name, shard in weight_map.items():
         if not (isinstance(shard, str) and shard not in ("", ".", "..") and Path(shard).name == shard
+                and len(shard.encode("utf-8", "replace")) <= 255
                 and "\\" not in shard and "\0" not in shard):
             raise ValueError(f"{file}: weight_map[{short(name)}] = {short(shard)} is not a file name in the "
                              "checkpoint directory")

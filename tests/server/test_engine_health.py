@@ -24,15 +24,16 @@ def test_a_stopped_engine_makes_health_and_requests_503(golden_dir, tok):
     args = build_parser().parse_args(["serve", "--checkpoint", str(golden_dir / "tiny-ckpt"), "--config",
                                       str(golden_dir / "tiny-config.json"), "--tokenizer", str(tok.path),
                                       "--threads", "1", "--max-batch", "2",
-                                      "--max-seq-len", "512"])
+                                      "--max-seq-len", "4096"])
     engine = EngineProcess(partial(engine_from_args, args), tok, heartbeat_timeout=2.0)
     with live_server(None, tok, engine=engine) as (url, _):
-        body = {"model": MODEL, "prompt": "Go on", "max_tokens": 400, "ignore_eos": True}
+        body = {"model": MODEL, "prompt": "Go on", "max_tokens": 4000, "ignore_eos": True}
         answer = {}
         waiting = threading.Thread(target=lambda: answer.update(r=httpx.post(url + "/v1/completions", json=body,
                                                                                timeout=120)))
         waiting.start()
-        wait_for(lambda: engine.stats()["running"] == 1, what="the request to run")
+        wait_for(lambda: engine.stats()["running"] == 1 or not waiting.is_alive(), what="the request to run")
+        assert waiting.is_alive(), answer["r"].text  # still running when the engine stops
         os.kill(engine.proc.pid, signal.SIGSTOP)
         try:
             waiting.join(60)

@@ -1,5 +1,6 @@
 """Helpers shared by the bench scripts: provenance (commit, torch), peak memory, a machine-busy
-check, the median of repeated measurements, and one-JSON-line output.
+check, the median of repeated measurements, one-JSON-line output, and a bare prefill/decode pair
+(the model's own forward over a static cache, without the engine's scheduling).
 
 Never imported by grok1/ or tests/.
 """
@@ -15,6 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
+from grok1.model import ForwardMeta, KVCache, Transformer
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -125,3 +129,19 @@ def emit(row: dict, record: bool = False) -> None:
     if record:
         with RESULTS.open("a") as f:
             f.write(line + "\n")
+
+
+def prefill(model: Transformer, cache: KVCache, prompts: Sequence[Sequence[int]]) -> Tensor:
+    """Run the right-padded prompts through the model, filling cache rows 0..B-1; logits [B, V] at each last token."""
+    device = cache.k.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.full((len(prompts), int(lengths.max())), model.config.pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    start = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    return model(tokens, start, cache, ForwardMeta(logits_at=lengths - 1))
+
+
+def decode_step(model: Transformer, cache: KVCache, tokens: Tensor, pos: Tensor) -> Tensor:
+    """One token per row: tokens [B] at positions pos [B] -> logits [B, V]."""
+    return model(tokens[:, None], pos, cache)[:, 0]

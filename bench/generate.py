@@ -33,17 +33,18 @@ from torch import Tensor, nn
 from bench.common import (
     REPO_DIR,
     CpuMonitor,
+    decode_step,
     emit,
     median_of,
     parse_list,
     peak_rss_mb,
+    prefill,
     provenance,
     reset_peak_rss,
     warn_if_noisy,
 )
 from bench.roofline import cached_read_bandwidth_gbs
 from grok1.config import ModelConfig, from_name
-from grok1.engine.generate import decode_step, prefill
 from grok1.kernels import install
 from grok1.model import Experts, Transformer, init_weights
 from grok1.panels import pack_model

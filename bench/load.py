@@ -55,9 +55,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO_DIR, CpuMonitor, emit, peak_rss_mb, provenance, warn_if_noisy
+from bench.common import REPO_DIR, CpuMonitor, decode_step, emit, peak_rss_mb, prefill, provenance, warn_if_noisy
 from grok1.config import PRESETS, ModelConfig, from_name
-from grok1.engine.generate import decode_step, prefill
 from grok1.weights.convert import convert
 from grok1.weights.load import load_model
 

@@ -171,9 +171,9 @@ def child(args: argparse.Namespace) -> None:
     from grok1 import plan
     from grok1.cli.common import config_from_args, model_from_args, tokenizer_from_args
     from grok1.cli.main import build_parser
-    from grok1.engine.generate import generate_stream
+    from grok1.engine.engine import engine_for
     from grok1.engine.sampling import SamplingParams
-    from grok1.quant import is_packed
+    from grok1.panels import is_packed
 
     torch.set_num_threads(args.threads)
     if args.join:
@@ -188,7 +188,8 @@ def child(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=args.tokens, ignore_eos=True)
     marks = []  # (time, read_bytes, major faults) after each token
     monitor = CpuMonitor()
-    for _ in generate_stream(model, [tokenizer.encode(PROMPT)], [params], tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    for _ in engine_for(model, tokenizer, [ids], [params]).stream(ids, params):  # an output per token
         marks.append((time.perf_counter(), _io_read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt))
     (t1, r1, f1), (t2, r2, f2) = marks[0], marks[-1]
     steps = len(marks) - 1

@@ -11,8 +11,8 @@ nothing of devices, files, quantization or parallelism: those wrap a finished mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

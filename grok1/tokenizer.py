@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer wrapper and a streaming detokenizer.
+"""SentencePiece tokenizer wrapper, a streaming detokenizer and the text stream of one generation.
 
 Grok-1 ships a SentencePiece BPE model (vocab 131072, byte fallback, pad 0, bos 1,
 eos 2, unk 3). Prompts are encoded without BOS, as the reference runner does.
@@ -178,3 +178,47 @@ class StreamDecoder:
         self.prefix_text = text if start == self.prefix else self.tok.decode(self.ids[start : self.read])
         self.prefix = start
         return new
+
+
+CONTEXT_IDS = 16  # prompt ids replayed into a TextStream's decoder: enough to reach a piece boundary
+
+
+class TextStream:
+    """Incremental text of one request, holding back anything that might begin a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], context: Sequence[int] = ()) -> None:
+        """`context`: the prompt ids. The continuation is decoded after them, so a first piece like
+        "▁may" gives " may" (decoded alone, SentencePiece would drop that leading space)."""
+        self.decoder = StreamDecoder(tokenizer)
+        for token in context[-CONTEXT_IDS:]:
+            self.decoder.push(token)  # primes the decoder; the prompt's own text is not emitted
+        self.stop = [s for s in stop if s]
+        self.text = ""  # all text decoded so far
+        self.emitted = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now final. Sets `stopped` when a stop string appears."""
+        return self._advance(self.decoder.push(token))
+
+    def finish(self) -> str:
+        """No more tokens: release whatever was held back."""
+        return self._advance(self.decoder.flush(), final=True)
+
+    def _advance(self, new: str, final: bool = False) -> str:
+        self.text += new
+        longest = max((len(s) for s in self.stop), default=0)
+        start = max(0, self.emitted - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            final = True
+        safe = len(self.text)
+        if not final:  # hold back a suffix that is a prefix of some stop string
+            for s in self.stop:
+                for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        safe = min(safe, len(self.text) - n)
+                        break
+        out, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        return out

@@ -111,7 +111,7 @@ def stage_export(work: Path, run: Path, tok: Path, threads: int) -> dict:
     import torch
 
     from grok1.config import resolve_config
-    from grok1.engine.generate import generate
+    from grok1.engine.engine import engine_for
     from grok1.engine.sampling import SamplingParams
     from grok1.quant import quantize_model
     from grok1.tokenizer import Tokenizer
@@ -159,12 +159,12 @@ def stage_export(work: Path, run: Path, tok: Path, threads: int) -> dict:
         params = SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_new_tokens=80)
         t0 = time.perf_counter()
         ids = tokenizer.encode(prompt)
-        c = generate(model, [ids], [params], tokenizer)[0]
+        c = engine_for(model, tokenizer, [ids], [params]).generate([ids], [params])[0]
         dt = time.perf_counter() - t0
         # Decode the continuation in context: decoding it alone drops the space of its first piece.
-        text = tokenizer.decode(ids + c.token_ids)[len(tokenizer.decode(ids)) :]
-        samples.append({"prompt": prompt, "text": text, "tokens": len(c.token_ids),
-                        "tokens_per_s": len(c.token_ids) / dt})
+        text = tokenizer.decode(ids + c.output_ids)[len(tokenizer.decode(ids)) :]
+        samples.append({"prompt": prompt, "text": text, "tokens": len(c.output_ids),
+                        "tokens_per_s": len(c.output_ids) / dt})
     summary["samples"] = samples
     DOCS.mkdir(exist_ok=True)
     plot_run(run, DOCS / "grok-1-mini-loss.png", title="grok-1-mini on Jane Austen (held-out 5%)",

@@ -77,3 +77,15 @@ def small_model():
     model = Transformer(small_config())
     init_weights(model, torch.Generator().manual_seed(1234))
     return model.eval()
+
+
+def generate(model, prompts, params, tokenizer=None):
+    """Run the prompts to the end as `grok1 generate` does (an Engine with a row per prompt); one completion each:
+    prompt_ids, token_ids (the generated ids), text, finish_reason."""
+    from types import SimpleNamespace
+
+    from grok1.engine.engine import engine_for
+
+    reqs = engine_for(model, tokenizer, prompts, params).generate(prompts, params)
+    return [SimpleNamespace(prompt_ids=r.prompt_ids, token_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason)
+            for r in reqs]

@@ -1,4 +1,4 @@
-"""Tokenizer and StreamDecoder against the real Grok-1 SentencePiece model."""
+"""Tokenizer, StreamDecoder and TextStream against the real Grok-1 SentencePiece model."""
 
 import functools
 import hashlib
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from grok1.tokenizer import StreamDecoder, Tokenizer
+from grok1.tokenizer import StreamDecoder, TextStream, Tokenizer
 
 SHA256 = "5c69d7cbad192fa2c9d14e2a77fbfdc11597c68907b043ddb0260e3d28eddd7f"  # GROK1.md section 3
 
@@ -163,3 +163,31 @@ def test_missing_path(tmp_path: Path) -> None:
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ValueError, match="bad.model"):
         Tokenizer(bad)
+
+
+def test_text_stream_cuts_at_stop_string_and_holds_back_prefixes(tok):
+    ids = tok.encode("Hello world. The end is near.")
+    stream = TextStream(tok, ["end is"])
+    out = []
+    for i in ids:
+        out.append(stream.push(i))
+        if stream.stopped:
+            break
+    assert stream.stopped
+    assert "".join(out) == "Hello world. The "
+    # Text that could start a stop string is held back until it is clear, then released.
+    stream = TextStream(tok, ["world!"])
+    pieces = [stream.push(i) for i in tok.encode("Hello world.")]
+    assert not stream.stopped
+    assert "".join(pieces) + stream.finish() == "Hello world."
+    assert "world" not in "".join(pieces[: len(tok.encode("Hello world"))])
+
+
+def test_continuation_keeps_its_leading_space(tok):
+    """Decoded after the prompt, a first piece "▁word" gives " word" (alone it would lose the space)."""
+    prompt = tok.encode("She was rich,")
+    cont = tok.encode("She was rich, and happy")[len(prompt):]
+    stream = TextStream(tok, [], prompt)
+    text = "".join(stream.push(t) for t in cont) + stream.finish()
+    assert text == " and happy"
+    assert tok.decode(prompt + cont) == tok.decode(prompt) + text

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import signal
 import sys
 import urllib.error
@@ -23,9 +22,8 @@ from pathlib import Path
 
 from grok1.cli.common import check_sampling, positive_int, seed_arg
 from grok1.cli.serve import add_engine_options, engine_from_args
-from grok1.engine.engine import Engine
+from grok1.engine.client import EngineClient
 from grok1.engine.sampling import SamplingParams
-from grok1.engine.scheduler import Output
 from grok1.tokenizer import CHAT_STOP, PERSONAS, chat_prompt
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /help, /quit; Ctrl-C stops an answer, Ctrl-D exits"
@@ -229,8 +227,8 @@ def turn(reply: Reply, settings: dict, system: str | None, messages: list[dict],
     return first
 
 
-def partial_local(engine: Engine) -> Reply:
-    """Answers from an in-process engine running on its background thread (Ctrl-C lands here, not in a step)."""
+def partial_local(engine: EngineClient) -> Reply:
+    """Answers from an engine whose loop runs elsewhere (Ctrl-C lands here, not in a step)."""
     tok = engine.tokenizer
     assert tok is not None
 
@@ -241,26 +239,14 @@ def partial_local(engine: Engine) -> Reply:
                               f"do not fit the {engine.max_seq_len}-token context; /reset to start over")
         params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"], stop=CHAT_STOP,
                                 max_new_tokens=s["max_tokens"])
-        outputs: queue.Queue[Output] = queue.Queue()
-        req = engine.add_request(prompt, params, on_output=outputs.put)
-        return stream(req, outputs)
+        return stream(prompt, params)
 
-    def stream(req, outputs: queue.Queue[Output]) -> Iterator[str]:
+    def stream(prompt: list[int], params: SamplingParams) -> Iterator[str]:
         started = False  # the reply's leading space (after "Assistant:") is dropped
-        try:
-            while True:
-                try:
-                    out = outputs.get(timeout=0.1)  # a timeout keeps Ctrl-C responsive
-                except queue.Empty:
-                    continue
-                text = out.text if started else out.text.lstrip()
-                started = started or bool(text)
-                yield text
-                if out.finish_reason is not None:
-                    return
-        finally:
-            if req.finish_reason is None:
-                engine.cancel(req.id)
+        for out in engine.stream(prompt, params):  # closing it (Ctrl-C) cancels the request
+            text = out.text if started else out.text.lstrip()
+            started = started or bool(text)
+            yield text
 
     return reply
 

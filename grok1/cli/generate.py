@@ -22,14 +22,15 @@ from grok1.cli.common import (
     tokenizer_from_args,
 )
 from grok1.config import ModelConfig
-from grok1.engine.generate import generate_stream
+from grok1.engine.engine import engine_for
 from grok1.engine.sampling import SamplingParams
 from grok1.tokenizer import Tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("generate", parents=[common], help="continue text prompts",
-                       description="Continue one or more prompts (several prompts run as one batch).")
+                       description="Continue one or more prompts (several prompts run as one batch, on the "
+                                   "serving engine).")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to continue; - reads one prompt from stdin")
     p.add_argument("--file", action="append", default=[], metavar="PATH",
                    help="continue the text of this UTF-8 file (repeatable: one prompt per file)")
@@ -66,10 +67,10 @@ def check_room(prompts: list[list[int]], max_new_tokens: int, context: int) -> N
                              f"is {len(ids) + max_new_tokens}, beyond the model's context of {context} tokens: {hint}")
 
 
-def summary(completions: list, seconds: float) -> str:
-    new = sum(len(c.token_ids) for c in completions)
-    prompt = sum(len(c.prompt_ids) for c in completions)
-    return (f"grok1 generate: {new} tokens for {len(completions)} prompt{'s' * (len(completions) > 1)} "
+def summary(counts: list[tuple[int, int]], seconds: float) -> str:
+    """counts: (prompt tokens, generated tokens) of each prompt."""
+    prompt, new = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return (f"grok1 generate: {new} tokens for {len(counts)} prompt{'s' * (len(counts) > 1)} "
             f"({prompt} prompt tokens) in {seconds:.2f} s, {new / max(seconds, 1e-9):.1f} tokens/s")
 
 
@@ -95,28 +96,32 @@ def _generate(args: argparse.Namespace, cfg: ModelConfig, tokenizer: Tokenizer, 
     prompts = [tokenizer.encode(p, bos=args.bos) for p in args.prompts]
     check_room(prompts, args.max_new_tokens, cfg.max_seq_len)
     model = model_from_args(args, cfg, job.mesh if job else None)
-    completions = {}
+    # Every rank (under torchrun) runs the same engine steps on its own thread: same prompts, same batches.
+    engine = engine_for(model, tokenizer, prompts, [params] * len(prompts))
     start = time.perf_counter()
     if args.stream:
         sys.stdout.write(args.prompts[0])
         sys.stdout.flush()
-    for row, _, new_text, completion in generate_stream(model, prompts, [params] * len(prompts), tokenizer):
-        completions[row] = completion
-        if args.stream:
-            sys.stdout.write(new_text)
+        new = 0
+        for out in engine.stream(prompts[0], params):
+            new = out.completion_tokens
+            sys.stdout.write(out.text)
             sys.stdout.flush()
-    seconds = time.perf_counter() - start
-    if args.stream:
+        seconds = time.perf_counter() - start
         print()
-    for i, prompt in enumerate(args.prompts if not args.stream else []):
-        c = completions[i]
-        if args.json:
-            print(json.dumps({"prompt": prompt, "prompt_ids": c.prompt_ids, "token_ids": c.token_ids,
-                              "text": c.text, "finish_reason": c.finish_reason}))
-        else:
-            if i:
-                print(SEPARATOR)
-            print(prompt + c.text)
+        counts = [(len(prompts[0]), new)]
+    else:
+        reqs = engine.generate(prompts, [params] * len(prompts))
+        seconds = time.perf_counter() - start
+        for i, (prompt, r) in enumerate(zip(args.prompts, reqs)):
+            if args.json:
+                print(json.dumps({"prompt": prompt, "prompt_ids": r.prompt_ids, "token_ids": r.output_ids,
+                                  "text": r.text, "finish_reason": r.finish_reason}))
+            else:
+                if i:
+                    print(SEPARATOR)
+                print(prompt + r.text)
+        counts = [(len(r.prompt_ids), len(r.output_ids)) for r in reqs]
     sys.stdout.flush()
     if not args.quiet and (job is None or job.rank == 0):
-        print(summary([completions[i] for i in range(len(prompts))], seconds), file=sys.stderr)
+        print(summary(counts, seconds), file=sys.stderr)

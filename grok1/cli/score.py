@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Sequence
 
 from grok1.cli import ranks
 from grok1.cli.common import config_from_args, model_from_args, texts_from_args, tokenizer_from_args
-from grok1.engine.generate import score
+from grok1.eval.score import score_windows
 from grok1.model import Transformer
 from grok1.tokenizer import Tokenizer
 
@@ -64,23 +62,3 @@ def _score(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer) -
             print(f"{result['total_logprob']:.4f} logprob over {n} tokens{how}, perplexity {result['perplexity']:.3f}: "
                   f"{text}")
 
-
-def score_windows(model: Transformer, ids: Sequence[int], top: int, context: int) -> dict:
-    """`score` for a text of any length: windows of `context` tokens starting half a context apart. Each token is
-    scored once, in the first window that holds it after the window's first half, so it sees at least
-    context // 2 tokens before it (all of them within the first window). Adds "windows": how many ran."""
-    if len(ids) <= context:
-        return score(model, ids, top) | {"windows": 1}
-    stride = max(1, context // 2)
-    out: dict = {"token_logprobs": [], "top_ids": [], "top_logprobs": []}
-    done, start, windows = 1, 0, 0  # ids[:done] are scored (ids[0], without context, never is)
-    while done < len(ids):
-        window = ids[start:start + context]
-        result = score(model, window, top)  # scores ids[start + 1 : start + len(window)]
-        skip = done - (start + 1)
-        for key in out:
-            out[key] += result[key][skip:]
-        done, start, windows = start + len(window), start + stride, windows + 1
-    total = sum(out["token_logprobs"])
-    return out | {"total_logprob": total, "perplexity": math.exp(-total / len(out["token_logprobs"])),
-                  "windows": windows}

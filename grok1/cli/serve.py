@@ -14,6 +14,7 @@ import torch
 
 from grok1.cli.common import config_from_args, model_from_args, positive_int, tokenizer_from_args
 from grok1.config import ModelConfig
+from grok1.engine.client import EngineClient
 from grok1.engine.engine import Engine, EngineConfig
 from grok1.engine.process import EngineProcess, pin_process
 from grok1.tokenizer import PERSONAS
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # fail fast on a bad checkpoint path or config, before starting anything
     tokenizer = tokenizer_from_args(args)
     if args.engine_thread:
-        engine: Engine | EngineProcess = engine_from_args(args)
+        engine: EngineClient = engine_from_args(args)
     else:
         cpus = engine_cpus(args, cfg)
         engine = EngineProcess(partial(engine_from_args, args), tokenizer, cpus=cpus)

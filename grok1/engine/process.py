@@ -5,11 +5,11 @@ and the engine's Python (the glue between model ops) take turns on one interpret
 streamed token slows the model step. `EngineProcess` runs the Engine's step loop in a spawned child
 and talks to it over two pipes; the parent keeps only what a server needs:
 
-    add_request(), cancel(), cancel_all(), stats(), alive(), start(), shutdown(), max_seq_len, on_step
+    the EngineClient interface (grok1.engine.client), as `Engine` implements it in-thread.
 
-with the same meaning as on `Engine` (it is a drop-in for `grok1.server`). Requests are checked in
-the parent (same errors as Engine.add_request), outputs come back once per step in one message and
-reach each request's `on_output` on the parent's reader thread.
+Requests are checked in the parent, once (the child queues what it is sent); outputs come back once
+per step in one message and reach each request's `on_output` on the parent's reader thread. The child
+runs the same loop as the in-thread engine (`Engine.loop`), reading the pipe while it waits.
 
 The child builds its own Engine by calling `build()` (a picklable zero-argument callable), so the
 weights are loaded once, in the process that uses them. Given the `tokenizer`, the parent turns token
@@ -40,12 +40,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from grok1.engine.client import EngineClient, check_request, check_room
 from grok1.engine.engine import Engine
-from grok1.engine.errors import EngineUnavailable, InvalidRequest, QueueFull, ShuttingDown
-from grok1.engine.generate import TextStream
+from grok1.engine.errors import EngineUnavailable, InvalidRequest, ShuttingDown
 from grok1.engine.sampling import SamplingParams
-from grok1.engine.scheduler import Output, check_prompt
-from grok1.tokenizer import Tokenizer
+from grok1.engine.scheduler import Output, Request
+from grok1.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("grok1.engine")
 
@@ -74,7 +74,7 @@ class RemoteRequest:
 _output_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Output)))
 
 
-class EngineProcess:
+class EngineProcess(EngineClient):
     def __init__(self, build: Callable[[], Engine], tokenizer: Tokenizer | None = None,
                  cpus: set[int] | None = None, start_timeout: float = 600.0, heartbeat_timeout: float = 15.0) -> None:
         """`cpus`: pin the child (and the threads it starts) to these CPUs (Linux). `heartbeat_timeout`: seconds
@@ -103,6 +103,7 @@ class EngineProcess:
         self.vocab_size: int = info["vocab_size"]
         self.max_batch: int = info["max_batch"]
         self.max_queue: int = info["max_queue"]
+        self.child_decodes: bool = info["has_tokenizer"]  # the child can decode text (stop strings need it)
         self._stats: dict = info["stats"]
         self.on_step: Callable[[int, float], None] | None = None
         self.on_death: Callable[[int | None], None] | None = None  # the child exited on its own (exit code)
@@ -115,12 +116,12 @@ class EngineProcess:
         self.reader = threading.Thread(target=self._read, name="grok1-engine-reader", daemon=True)
         self.reader.start()
 
-    # ---- the Engine interface (any thread) ----
+    # ---- the EngineClient interface (any thread) ----
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
                     logprobs: int | None = None, on_output: Callable[[Output], None] | None = None,
                     prompt_logprobs: int | None = None) -> RemoteRequest:
-        check_prompt(prompt_ids, self.vocab_size, self.max_seq_len)
+        check_request(prompt_ids, params, self.vocab_size, self.max_seq_len, self.child_decodes)
         with self.lock:
             if self.stopping:
                 raise ShuttingDown("the engine is shutting down")
@@ -133,9 +134,7 @@ class EngineProcess:
             request_id = request_id if request_id is not None else f"r{next(self._ids)}"
             if request_id in self.requests:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
-            waiting = len(self.requests) - self.max_batch
-            if waiting >= self.max_queue:
-                raise QueueFull(f"{waiting} requests are already waiting (the limit is {self.max_queue})")
+            check_room(len(self.requests) - self.max_batch, self.max_queue)
             req = RemoteRequest(request_id, list(prompt_ids), on_output)
             if self.tokenizer is not None and not params.stop:
                 req.stream = TextStream(self.tokenizer, (), req.prompt_ids)
@@ -288,7 +287,7 @@ def _heartbeat(send: Callable[[bytes], None], seconds: float = 1.0) -> None:
 
 def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection, cpus: set[int] | None,
                 parent: int) -> None:
-    """The child: build the Engine, then step it, reading requests between steps."""
+    """The child: build the Engine, then run its loop, reading the parent's messages while it waits."""
     _watch_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     if cpus:
@@ -298,15 +297,12 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection,
     except Exception as e:  # noqa: BLE001  a bad checkpoint etc.: the parent raises it as a clean error
         out.send(("error", str(e) or type(e).__name__))
         return
-    # The parent enforces the queue limit, counting free slots as room; requests it accepted can reach the
-    # child before earlier ones are admitted, so the child's own limit must leave room for the slots too.
-    engine.scheduler.max_queue = engine.config.max_queue + engine.config.max_batch
     outputs: list[Output] = []
     steps: list[tuple[int, float]] = []
     engine.on_step = lambda batch_size, seconds: steps.append((batch_size, seconds))
     out.send(("ready", {"max_seq_len": engine.max_seq_len, "vocab_size": engine.model.config.vocab_size,
                         "max_batch": engine.config.max_batch, "max_queue": engine.config.max_queue,
-                        "stats": engine.stats()}))
+                        "has_tokenizer": engine.tokenizer is not None, "stats": engine.stats()}))
     sending = threading.Lock()  # the heartbeat thread shares the pipe
 
     def send(data: bytes) -> None:
@@ -315,46 +311,33 @@ def _child_main(build: Callable[[], Engine], out: Connection, inbox: Connection,
 
     _heartbeat(send)
 
-    def flush() -> None:
-        if outputs or steps:
-            # pickle.dumps, not Connection.send: its ForkingPickler copies the reducer table on every call
-            send(pickle.dumps(("outputs", ([_output_fields(o) for o in outputs], engine.stats(),
-                                                     steps[-1] if steps else None)), pickle.HIGHEST_PROTOCOL))
-            outputs.clear()
-            steps.clear()
-
-    running = True
-    while running:
-        idle = not engine.scheduler.has_work()
-        while inbox.poll(0.5 if idle else 0):
+    def receive(timeout: float) -> None:
+        """Apply the parent's messages, waiting up to `timeout` for the first."""
+        while inbox.poll(timeout):
+            timeout = 0
             try:
                 msg = inbox.recv()
             except EOFError:  # the parent is gone
                 msg = ("stop",)
-            if msg[0] == "add":
+            if msg[0] == "add":  # the parent checked it and enforces the queue limit
                 _, request_id, prompt_ids, params, logprobs, detokenize, prompt_logprobs = msg
-                try:
-                    engine.add_request(prompt_ids, params, request_id, logprobs, on_output=outputs.append,
-                                       detokenize=detokenize, prompt_logprobs=prompt_logprobs)
-                except (ValueError, QueueFull, RuntimeError):  # raced past the parent's checks
-                    outputs.append(Output(request_id, [], "", [], "error", len(prompt_ids), 0))
+                engine.submit(Request(prompt_ids, params, request_id, logprobs, outputs.append, detokenize,
+                                      prompt_logprobs))
             elif msg[0] == "cancel":
                 engine.cancel(msg[1])
             elif msg[0] == "cancel_all":
                 engine.cancel_all()
             elif msg[0] == "stop":
-                running = False
-                break
-            idle = False
-        if running and engine.scheduler.has_work():
-            try:
-                engine.step()
-            except Exception:  # keep serving: fail the requests of the broken step, not the engine
-                log.exception("engine step failed; finishing its requests with an error")
-                with engine.lock:
-                    engine._deliver(engine.scheduler.abort_all("error"))
-        flush()
-    with engine.lock:
-        engine._deliver(engine.scheduler.abort_all("cancelled"))
-    flush()
+                engine.stop()
+                return
+
+    def flush() -> None:
+        if outputs or steps:
+            # pickle.dumps, not Connection.send: its ForkingPickler copies the reducer table on every call
+            send(pickle.dumps(("outputs", ([_output_fields(o) for o in outputs], engine.stats(),
+                                           steps[-1] if steps else None)), pickle.HIGHEST_PROTOCOL))
+            outputs.clear()
+            steps.clear()
+
+    engine.loop(receive, flush)
     send(pickle.dumps(("stopped", None)))

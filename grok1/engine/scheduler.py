@@ -18,27 +18,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from grok1.engine.cache import SlotAllocator
-from grok1.engine.errors import ContextOverflow, InvalidRequest, QueueFull
-from grok1.engine.generate import TextStream
 from grok1.engine.sampling import SamplingParams
-from grok1.tokenizer import Tokenizer
-
-
-def check_prompt(prompt_ids: Sequence[int], vocab_size: int | None, max_seq_len: int) -> None:
-    """Raise ValueError for a prompt that is empty, does not fit the context with one generated token, or
-    (given the vocabulary size) holds an id outside the vocabulary."""
-    n = len(prompt_ids)
-    if n == 0:
-        raise InvalidRequest("the prompt is empty: generation needs at least one prompt token")
-    if n >= max_seq_len:
-        raise ContextOverflow(f"the prompt has {n} tokens but the context holds {max_seq_len} "
-                         f"(prompt plus at least one generated token must fit)")
-    bad = [t for t in prompt_ids if vocab_size is not None and not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidRequest(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab_size - 1})")
+from grok1.tokenizer import TextStream, Tokenizer
 
 
 @dataclass
@@ -67,7 +49,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k alternatives
+    logprobs: int | None = None  # None: params.logprobs (0: none); k >= 0: the chosen token's and the top k
     on_output: Callable[[Output], None] | None = None  # called on the engine thread
     detokenize: bool = True  # False: outputs carry token ids and no text (unless stop strings need the text)
     prompt_logprobs: int | None = None  # k >= 0: score the prompt too (its tokens' logprobs, top k alternatives)
@@ -75,11 +57,14 @@ class Request:
     text: str = ""
     slot: int = -1  # the KV-cache row while running
     stream: TextStream | None = None
-    generator: torch.Generator | None = None
     finish_reason: str | None = None
     cancelled: bool = False
     cached: int = 0  # prompt tokens whose keys and values its slot already held (prefix reuse)
     exact_kv: bool = False  # its keys and values were computed as one-token rows (reusable bit for bit)
+
+    def __post_init__(self) -> None:
+        if self.logprobs is None:
+            self.logprobs = self.params.logprobs or None
 
     @property
     def last_pos(self) -> int:
@@ -100,11 +85,12 @@ class Batch:
 
 
 class Scheduler:
-    """Not thread-safe: the engine serialises calls with its lock."""
+    """Not thread-safe: the engine serialises calls with its lock. Takes requests as they are: the client
+    checked them (grok1.engine.client.check_request) and enforces the queue limit."""
 
-    def __init__(self, max_batch: int, max_seq_len: int, max_queue: int, prefill_tokens: int, eos_id: int,
+    def __init__(self, max_batch: int, max_seq_len: int, prefill_tokens: int, eos_id: int,
                  tokenizer: Tokenizer | None = None, prefix_reuse: bool = False) -> None:
-        self.max_seq_len, self.max_queue, self.prefill_tokens = max_seq_len, max_queue, prefill_tokens
+        self.max_seq_len, self.prefill_tokens = max_seq_len, prefill_tokens
         self.prefix_reuse = prefix_reuse  # admit prompts into the free slot holding most of their prefix
         self.eos_id, self.tokenizer = eos_id, tokenizer
         self.slots = SlotAllocator(max_batch)
@@ -114,18 +100,10 @@ class Scheduler:
         self.finished: Counter[str] = Counter()  # finish reason -> requests
 
     def add(self, req: Request) -> None:
-        """Queue a request. Raises ValueError for a prompt that does not fit, QueueFull when too many wait."""
-        check_prompt(req.prompt_ids, None, self.max_seq_len)
-        if req.params.stop and self.tokenizer is None:
-            raise InvalidRequest("stop strings need a tokenizer")
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
-        if req.id in self.requests:
-            raise InvalidRequest(f"request id {req.id!r} is already in use")
+        """Queue a checked request (a fresh id; stop strings only with a tokenizer)."""
+        assert req.id not in self.requests and len(req.prompt_ids) < self.max_seq_len, req.id
         wants_text = req.detokenize or req.params.stop
         req.stream = TextStream(self.tokenizer, req.params.stop, req.prompt_ids) if self.tokenizer and wants_text else None
-        if req.params.seed is not None:
-            req.generator = torch.Generator().manual_seed(req.params.seed)
         self.waiting.append(req)
         self.requests[req.id] = req
 

@@ -21,8 +21,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from grok1.engine.engine import Engine
-from grok1.engine.process import EngineProcess
+from grok1.engine.client import EngineClient
 from grok1.engine.sampling import SamplingParams
 from grok1.server import protocol as p
 from grok1.server.bridge import Choice, Job, collect, stream_outputs
@@ -40,7 +39,7 @@ BODY_TIMEOUT = 60.0  # seconds for a request's whole body to arrive
 @dataclasses.dataclass
 class Server:
     """What the routes serve from. `system_prompt` is used for chats that bring no system message."""
-    engine: Engine | EngineProcess
+    engine: EngineClient
     tokenizer: Tokenizer
     model_name: str
     system_prompt: str | None
@@ -66,8 +65,7 @@ class Server:
     def check_count(self, count: int, param: str) -> None:
         """One API call may queue at most the engine's queue length of completions: more could never be
         admitted, so that is a 400, not a 429 that clients would retry forever."""
-        e = self.engine
-        capacity = e.max_queue if isinstance(e, EngineProcess) else e.config.max_queue
+        capacity = self.engine.max_queue
         if count > capacity:
             raise p.APIError(400, f"this request asks for {count} completions (prompts x n) but the server queues "
                              f"at most {capacity}; split it into smaller requests", param=param,
@@ -80,7 +78,7 @@ class Server:
         return job
 
 
-def create_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+def create_app(engine: EngineClient, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                system_prompt: str | None = None, allowed_hosts: frozenset[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     """The ASGI app. Starts the engine thread on startup (if not running) and stops it on shutdown.
@@ -258,7 +256,7 @@ async def tokenizer_info(request: Request) -> dict:
 async def health(request: Request) -> JSONResponse:
     s = server(request)
     stats = s.engine.stats()
-    stalled = isinstance(s.engine, EngineProcess) and s.engine.stalled()
+    stalled = s.engine.stalled()
     ok = s.engine.alive() and not stalled
     status = "ok" if ok else "engine not answering" if stalled else "engine stopped"
     return JSONResponse({"status": status, "model": s.model_name} | stats, status_code=200 if ok else 503)

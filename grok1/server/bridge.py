@@ -19,12 +19,10 @@ from functools import partial
 
 from fastapi import Request
 
-from grok1.engine.engine import Engine
+from grok1.engine.client import EngineClient, RequestHandle
 from grok1.engine.errors import EngineError
-from grok1.engine.process import EngineProcess
 from grok1.engine.sampling import SamplingParams
 from grok1.engine.scheduler import Output, TokenLogprob
-from grok1.engine.scheduler import Request as EngineRequest
 from grok1.server import protocol as p
 from grok1.server.metrics import Metrics
 
@@ -44,14 +42,14 @@ class Choice:
 class Job:
     """One API call's engine requests (prompts x n) and the outputs that have arrived for them."""
 
-    def __init__(self, engine: Engine | EngineProcess, metrics: Metrics) -> None:
+    def __init__(self, engine: EngineClient, metrics: Metrics) -> None:
         self.engine, self.metrics = engine, metrics
         self.loop = asyncio.get_running_loop()
         self.lock = threading.Lock()  # guards arrived / woken against the engine's thread
         self.arrived: list[tuple[int, Output]] = []
         self.woken = False  # a wake-up is on its way to the event loop
         self.ready = asyncio.Event()
-        self.reqs: list[EngineRequest] = []
+        self.reqs: list[RequestHandle] = []
         self.choices: list[Choice] = []
         self.start = time.perf_counter()
 
@@ -62,8 +60,8 @@ class Job:
         try:
             for i, (ids, sp) in enumerate(zip(prompts, params)):
                 self.choices.append(Choice(prompt_tokens=len(ids)))
-                kw = {} if prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs}
-                self.reqs.append(self.engine.add_request(ids, sp, logprobs=logprobs, on_output=partial(self._put, i), **kw))
+                self.reqs.append(self.engine.add_request(ids, sp, logprobs=logprobs, on_output=partial(self._put, i),
+                                                         prompt_logprobs=prompt_logprobs))
         except EngineError as e:
             self.cancel()
             raise p.engine_error(e, param) from e

@@ -24,8 +24,7 @@ from types import FrameType
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from grok1.engine.engine import Engine
-from grok1.engine.process import EngineProcess
+from grok1.engine.client import EngineClient
 from grok1.server.app import BODY_TIMEOUT, MAX_BODY_BYTES, create_app
 from grok1.server.guard import LOOPBACK_HOSTS
 from grok1.tokenizer import Tokenizer
@@ -111,7 +110,7 @@ def default_allowed_hosts(host: str) -> frozenset[str] | None:
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engine | EngineProcess, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, shutdown_timeout: float) -> None:
         super().__init__(config)
         self.engine, self.shutdown_timeout = engine, shutdown_timeout
 
@@ -123,7 +122,7 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(engine: Engine | EngineProcess, tokenizer: Tokenizer, model_name: str, host: str = "127.0.0.1",
+def serve(engine: EngineClient, tokenizer: Tokenizer, model_name: str, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, system_prompt: str | None = None,
           shutdown_timeout: float = 10.0, allowed_hosts: Collection[str] | None = None,
           max_body_bytes: int = MAX_BODY_BYTES) -> int:

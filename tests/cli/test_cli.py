@@ -324,8 +324,8 @@ def test_score_refuses_a_text_beyond_the_context_or_scores_it_in_windows(capsys)
     import torch
 
     from grok1.cli.common import DEFAULT_CHECKPOINT
-    from grok1.cli.score import score, score_windows
     from grok1.config import resolve_config
+    from grok1.eval.score import score, score_windows
     from grok1.weights.load import load_model
 
     text = " ".join(f"It was the {i}th day of the month, and Elizabeth walked to Meryton." for i in range(40))

@@ -5,11 +5,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import generate
 
 from grok1.engine.engine import Engine, EngineConfig
-from grok1.engine.generate import generate
+from grok1.engine.errors import QueueFull
 from grok1.engine.sampling import SamplingParams
-from grok1.engine.scheduler import QueueFull
 
 PROMPTS = [[5, 9, 200, 31, 7, 7, 100], [42], [300, 301, 302, 303], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
@@ -186,7 +186,7 @@ def test_background_thread_serves_many_threads_and_shuts_down(small_model):
 
 def test_a_failing_step_finishes_its_requests_with_error_and_the_engine_goes_on(small_model, monkeypatch):
     eng = engine(small_model)
-    real = eng._decode
+    real = eng.runner._decode
     calls = {"n": 0}
 
     def flaky(reqs):
@@ -195,7 +195,7 @@ def test_a_failing_step_finishes_its_requests_with_error_and_the_engine_goes_on(
             raise RuntimeError("boom")
         return real(reqs)
 
-    monkeypatch.setattr(eng, "_decode", flaky)
+    monkeypatch.setattr(eng.runner, "_decode", flaky)
     eng.start()
     try:
         outs, finished = [], threading.Event()

@@ -1,11 +1,13 @@
-"""Static-batch generation: batching invariance, stop conditions, streaming, scoring."""
+"""Generation to the end, as `grok1 generate` runs it (Engine.generate on an engine sized for the prompts):
+batching invariance, stop conditions, streamed outputs, bad prompts."""
 
 import dataclasses
 
 import pytest
 import torch
+from conftest import generate
 
-from grok1.engine.generate import TextStream, generate, generate_stream, score
+from grok1.engine.engine import engine_for
 from grok1.engine.sampling import SamplingParams
 from grok1.tokenizer import Tokenizer
 
@@ -60,30 +62,18 @@ def test_stops_on_eos_unless_ignored(small_model):
 
 def test_stream_events_add_up(small_model, tok):
     params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
-    events = list(generate_stream(small_model, [PROMPTS[0], PROMPTS[1]], [params, params], tok))
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    eng = engine_for(small_model, tok, prompts, [params, params])
+    events = []  # (row, output) as they arrive, the two requests sharing each step
+    reqs = [eng.add_request(p, params, on_output=lambda out, row=row: events.append((row, out)))
+            for row, p in enumerate(prompts)]
+    while any(r.finish_reason is None for r in reqs):
+        eng.step()
     for row in (0, 1):
-        mine = [e for e in events if e[0] == row]
-        completion = mine[-1][3]
-        assert [e[1] for e in mine] == completion.token_ids
-        assert "".join(e[2] for e in mine) == completion.text == tok.decode(completion.token_ids)
-
-
-def test_text_stream_cuts_at_stop_string_and_holds_back_prefixes(tok):
-    ids = tok.encode("Hello world. The end is near.")
-    stream = TextStream(tok, ["end is"])
-    out = []
-    for i in ids:
-        out.append(stream.push(i))
-        if stream.stopped:
-            break
-    assert stream.stopped
-    assert "".join(out) == "Hello world. The "
-    # Text that could start a stop string is held back until it is clear, then released.
-    stream = TextStream(tok, ["world!"])
-    pieces = [stream.push(i) for i in tok.encode("Hello world.")]
-    assert not stream.stopped
-    assert "".join(pieces) + stream.finish() == "Hello world."
-    assert "world" not in "".join(pieces[: len(tok.encode("Hello world"))])
+        mine = [out for r, out in events if r == row]
+        completion = reqs[row]
+        assert [t for out in mine for t in out.token_ids] == completion.output_ids
+        assert "".join(out.text for out in mine) == completion.text == tok.decode(completion.output_ids)
 
 
 def test_stop_string_in_generation(small_model, tok):
@@ -112,25 +102,3 @@ def test_max_new_tokens_capped_by_context(small_model):
     assert len(c.token_ids) == 3 and c.finish_reason == "length"
 
 
-def test_score_is_log_softmax_of_next_token(small_model):
-    ids = PROMPTS[0]
-    result = score(small_model, ids, top=3)
-    with torch.no_grad():
-        logp = torch.log_softmax(small_model(torch.tensor([ids]))[0], -1)
-    expect = [logp[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
-    assert result["token_logprobs"] == pytest.approx(expect, abs=1e-5)
-    assert result["total_logprob"] == pytest.approx(sum(expect), abs=1e-4)
-    assert result["perplexity"] == pytest.approx(torch.tensor(expect).mean().neg().exp().item(), rel=1e-5)
-    assert result["top_ids"][0][0] == int(logp[0].argmax())
-    with pytest.raises(ValueError):
-        score(small_model, [5])
-
-
-def test_continuation_keeps_its_leading_space(tok):
-    """Decoded after the prompt, a first piece "▁word" gives " word" (alone it would lose the space)."""
-    prompt = tok.encode("She was rich,")
-    cont = tok.encode("She was rich, and happy")[len(prompt):]
-    stream = TextStream(tok, [], prompt)
-    text = "".join(stream.push(t) for t in cont) + stream.finish()
-    assert text == " and happy"
-    assert tok.decode(prompt + cont) == tok.decode(prompt) + text

@@ -14,10 +14,9 @@ import pytest
 from grok1.cli.common import tokenizer_from_args
 from grok1.cli.main import build_parser
 from grok1.cli.serve import engine_from_args
-from grok1.engine.errors import EngineUnavailable
+from grok1.engine.errors import EngineUnavailable, QueueFull
 from grok1.engine.process import EngineProcess
 from grok1.engine.sampling import SamplingParams
-from grok1.engine.scheduler import QueueFull
 
 PROMPTS = ["It is a truth universally acknowledged", "Mr. Darcy", "The weather at Longbourn", "Elizabeth said"]
 

@@ -1,15 +1,14 @@
 """The Scheduler alone (no model): admission into slots, prefill budget, stop conditions, cancel, limits."""
 
-import pytest
 
 from grok1.engine.sampling import SamplingParams
-from grok1.engine.scheduler import QueueFull, Request, Scheduler
+from grok1.engine.scheduler import Request, Scheduler
 
 EOS = 2
 
 
-def make(max_batch=2, max_seq_len=16, max_queue=4, prefill_tokens=64):
-    return Scheduler(max_batch, max_seq_len, max_queue, prefill_tokens, EOS)
+def make(max_batch=2, max_seq_len=16, prefill_tokens=64):
+    return Scheduler(max_batch, max_seq_len, prefill_tokens, EOS)
 
 
 def req(n=3, **params):
@@ -82,16 +81,3 @@ def test_cancel_retires_waiting_and_running_at_next_schedule():
     batch, emits = s.schedule()
     assert len(batch) == 0 and {o.finish_reason for _, o in emits} == {"cancelled"}
     assert s.slots.num_free == 1 and not s.has_work() and s.requests == {}
-
-
-def test_limits_are_clear_errors():
-    s = make(max_queue=1, max_seq_len=8)
-    with pytest.raises(ValueError, match="8 tokens but the context holds 8"):
-        s.add(req(n=8))
-    with pytest.raises(ValueError, match="empty"):
-        s.add(Request([], SamplingParams()))
-    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
-        s.add(req(stop=("x",)))
-    s.add(req())
-    with pytest.raises(QueueFull, match="limit is 1"):
-        s.add(req())

@@ -5,9 +5,9 @@ import concurrent.futures as cf
 import httpx
 import openai
 import pytest
+from conftest import generate
 from serving import MODEL, live_server, load_tokenizer, wait_for
 
-from grok1.engine.generate import generate
 from grok1.engine.sampling import SamplingParams
 from grok1.tokenizer import chat_prompt
 

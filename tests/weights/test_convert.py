@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import generate, small_config
 
 from grok1.cli.main import main
-from grok1.engine.generate import generate
 from grok1.engine.sampling import SamplingParams
 from grok1.model import Transformer, init_weights
 from grok1.quant import quantize

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import generate
 
 from grok1.config import resolve_config
-from grok1.engine.generate import generate
 from grok1.engine.sampling import SamplingParams
 from grok1.model import ForwardMeta
 from grok1.quant import QExperts, QLinear, dequantize

@@ -232,7 +232,9 @@ def test_install_replaces_modules_keeping_their_parameters_and_settings():
 
 def test_install_keeps_the_hooks_on_a_module():
     """Tensor parallelism sums each attention's output with a forward hook (parallel/tp.py): it must still run."""
-    model = Transformer(small_config()).eval()
+    model = Transformer(small_config())
+    init_weights(model, torch.Generator().manual_seed(7))  # weights as built are uninitialised memory
+    model.eval()
     seen = []
     model.layers[0].attention.register_forward_hook(lambda _m, _a, out: seen.append(out.shape) or out * 2)
     tokens = torch.tensor([[5, 6, 7]])

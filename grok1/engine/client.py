@@ -33,6 +33,8 @@ class EngineClient(ABC):
     max_queue: int  # waiting requests beyond which add_request raises QueueFull
     tokenizer: Tokenizer | None  # given, outputs carry text
     on_step: Callable[[int, float], None] | None  # metrics hook, called once per step: (batch size, seconds)
+    on_death: Callable[[int | None], None] | None = None  # called if the loop ends on its own (a child process
+                                                          # died: its exit code)
 
     @abstractmethod
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,

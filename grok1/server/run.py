@@ -139,12 +139,12 @@ def serve(engine: EngineClient, tokenizer: Tokenizer, model_name: str, host: str
     config = uvicorn_config(app, host, port, timeout_graceful_shutdown=int(shutdown_timeout) + 10, log_level="info")
     server = _Server(config, engine, shutdown_timeout)
     died: list[int | None] = []
-    if isinstance(engine, EngineProcess):
-        def on_death(code: int | None) -> None:
-            died.append(code)
-            server.should_exit = True
 
-        engine.on_death = on_death
+    def on_death(code: int | None) -> None:
+        died.append(code)
+        server.should_exit = True
+
+    engine.on_death = on_death
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after shutting down cleanly

@@ -14,7 +14,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.callbacks, self.cancelled = [], []
 
-    def add_request(self, ids, params, logprobs=None, on_output=None):
+    def add_request(self, ids, params, logprobs=None, on_output=None, prompt_logprobs=None):  # EngineClient's
         self.callbacks.append(on_output)
         return SimpleNamespace(id=f"r{len(self.callbacks)}", finish_reason=None)
 

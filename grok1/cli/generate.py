@@ -29,8 +29,7 @@ from grok1.tokenizer import Tokenizer
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("generate", parents=[common], help="continue text prompts",
-                       description="Continue one or more prompts (several prompts run as one batch, on the "
-                                   "serving engine).")
+                       description="Continue one or more prompts (several prompts run as one engine batch).")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to continue; - reads one prompt from stdin")
     p.add_argument("--file", action="append", default=[], metavar="PATH",
                    help="continue the text of this UTF-8 file (repeatable: one prompt per file)")

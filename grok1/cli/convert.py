@@ -112,10 +112,12 @@ def _check_existing(dst: Path, source: Source, to: str, dtype: str) -> int:
             key = json.loads(manifest.read_text()).get("key", {})
         except (OSError, ValueError):
             key = {}
-        if key.get("source") == str(Path(source.path).resolve()) and key.get("to") == to:
+        same = key.get("source") == str(Path(source.path).resolve()) and key.get("to") == to
+        if same and (key.get("dtype") == dtype or not (dst / st.INDEX).is_file()):
             return sum(f.stat().st_size for f in dst.glob("*.safetensors"))
-        raise ValueError(f"{dst} holds an unfinished conversion of {key.get('source', 'another checkpoint')}; "
-                         "--force replaces it, or choose another DST")
+        if not (dst / st.INDEX).is_file():  # finished conversions keep their manifest (reruns reuse shards)
+            raise ValueError(f"{dst} holds an unfinished conversion of {key.get('source', 'another checkpoint')}; "
+                             "--force replaces it, or choose another DST")
     if (dst / st.INDEX).is_file():
         try:
             other = open_source(dst)

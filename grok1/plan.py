@@ -22,10 +22,10 @@ import re
 from dataclasses import asdict, dataclass
 
 from grok1.config import ModelConfig
+from grok1.quant import FORMATS as STORED_FORMATS
+from grok1.quant import INT4_BLOCK, RELEASE_GROUPS  # noqa: F401  INT4_BLOCK: inputs per int4 scale
 
-FORMATS = ("int8", "int4", "bf16")
-INT4_BLOCK = 32  # inputs per int4 scale (quant.INT4_BLOCK)
-RELEASE_GROUPS = {"wqkv": 1, "wo": 8, "w1": 1, "w2": 8, "w3": 1}  # int8 scale groups (quant.RELEASE_GROUPS)
+FORMATS = tuple(f for f in STORED_FORMATS if f != "fp32")  # the formats worth planning a deployment in
 COMPUTE_BYTES = 2  # bfloat16 embedding, KV cache and activations
 PREFILL_TOKENS = 4096  # padded prompt tokens one prefill holds (engine.EngineConfig.prefill_tokens)
 ATTN_CHUNK = 512  # queries per attention block in a prefill (model.ATTN_CHUNK)

@@ -10,7 +10,7 @@ ALLOWED = {
     "config": set(),
     "tokenizer": set(),
     "model": {"config"},
-    "plan": {"config"},  # the memory planner: arithmetic on a ModelConfig
+    "plan": {"config", "quant"},  # the memory planner: arithmetic on a ModelConfig and the stored formats
     "memory": set(),  # how much memory this process may use (RAM, cgroup limits)
     "fileio": set(),  # atomic writes, page release: file I/O shared by weights and train
     "extension": set(),  # builds and loads the compiled kernels (torch only)

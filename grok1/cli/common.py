@@ -159,7 +159,7 @@ def weight_files(ckpt: Path) -> list[Path]:
 def model_from_args(args: argparse.Namespace, cfg: ModelConfig, mesh: Mesh | None = None) -> Transformer:
     if mesh is None and args.tp * args.ep > 1:
         raise ValueError(f"--tp {args.tp} --ep {args.ep}: `grok1 {args.command}` runs in one process; "
-                         f"generate and score run under torchrun")
+                         f"generate, score and serve run under torchrun")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     size = sum(f.stat().st_size for f in weight_files(Path(args.checkpoint)))
     loud = size >= LOUD_LOAD_BYTES and (mesh is None or mesh.rank == 0)

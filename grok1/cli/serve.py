@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from grok1.cli import ranks
 from grok1.cli.common import config_from_args, model_from_args, positive_int, tokenizer_from_args
 from grok1.config import ModelConfig
 from grok1.engine.client import EngineClient
 from grok1.engine.engine import Engine, EngineConfig
+from grok1.engine.follow import LeaderRunner, follow
 from grok1.engine.process import EngineProcess, pin_process
 from grok1.tokenizer import PERSONAS
 
@@ -65,10 +67,10 @@ def engine_cpus(args: argparse.Namespace, cfg: ModelConfig) -> set[int] | None:
     return set(cpus[-threads:]) if len(cpus) > threads else None
 
 
-def engine_from_args(args: argparse.Namespace) -> Engine:
+def engine_from_args(args: argparse.Namespace, job: ranks.Job | None = None) -> Engine:
     cfg = config_from_args(args)
     tokenizer = tokenizer_from_args(args)
-    model = model_from_args(args, cfg)
+    model = model_from_args(args, cfg, job.mesh if job else None)
     threads = engine_threads(args, cfg)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -168,11 +170,18 @@ def run(args: argparse.Namespace) -> int:
               "address can use the model (set GROK1_API_KEY or --api-key-file)", file=sys.stderr, flush=True)
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    args.port = check_listen(args.host, args.port)  # a bad address or a port in use: said before loading
     cfg = config_from_args(args)  # fail fast on a bad checkpoint path or config, before starting anything
+    job = ranks.join(args, cfg)
+    if job is not None and job.rank != 0:  # a follower: runs rank 0's steps through its shard until told to stop
+        follow(engine_from_args(args, job).runner, job.control)
+        job.leave()
+        return 0
+    args.port = check_listen(args.host, args.port)  # a bad address or a port in use: said before loading
     tokenizer = tokenizer_from_args(args)
-    if args.engine_thread:
-        engine: EngineClient = engine_from_args(args)
+    if job is not None:  # rank 0 of a job: the engine runs in this process (the one in the process group)
+        engine: EngineClient = leader_engine(args, job)
+    elif args.engine_thread:
+        engine = engine_from_args(args)
     else:
         cpus = engine_cpus(args, cfg)
         engine = EngineProcess(partial(engine_from_args, args), tokenizer, cpus=cpus)
@@ -185,7 +194,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"grok1 serve: model {name!r}, {args.max_batch} slots x {engine.max_seq_len} tokens; "
           f"chat page at http://{args.host}:{args.port}/", flush=True)
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
-    return serve(engine, tokenizer, name, args.host, args.port, api_key=key,
+    code = serve(engine, tokenizer, name, args.host, args.port, api_key=key,
                  system_prompt=PERSONAS[args.persona] if args.persona else None,
                  shutdown_timeout=args.shutdown_timeout, allowed_hosts=hosts,
                  **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
+    if job is not None:
+        if job.watchdog.failure is not None:
+            raise ValueError(job.watchdog.failure)  # the ranks are gone: nothing to close
+        engine.shutdown()
+        engine.runner.close()
+        job.leave()
+    return code
+
+
+def leader_engine(args: argparse.Namespace, job: ranks.Job) -> Engine:
+    """Rank 0's engine: each step goes to the other ranks first; if one of them dies, the engine stops, so that
+    /health and new requests answer 503 (an orchestrator restarts the job) instead of hanging clients."""
+    engine = engine_from_args(args, job)
+    engine.runner = LeaderRunner(engine.runner, job.control)
+
+    def lost(message: str) -> None:
+        logging.getLogger("grok1.serve").error("%s; the engine stops, /health answers 503", message)
+        engine.stop()
+
+    job.watchdog.on_failure = lost
+    return engine

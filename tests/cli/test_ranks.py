@@ -126,3 +126,77 @@ def test_ranks_with_different_options_refuse_to_start():
     assert [p.returncode for p in procs] == [2, 2]
     assert "the ranks disagree on the model (config, checkpoint index, options): rank(s) 1 differ from rank 0" \
         in outs[0][1]
+
+
+def wait_health(url: str, want: int, timeout: float = 120) -> dict:
+    """Poll GET url/health until it answers HTTP `want` (bounded)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == want:
+                    return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code == want:
+                return json.loads(e.read())
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url}/health never answered {want} within {timeout} s")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+def test_serve_under_torchrun_answers_the_openai_client_with_the_single_process_text():
+    openai = pytest.importorskip("openai")
+    prompt = PROMPTS[0]
+    want = single(["generate", prompt, "--temperature", "0", "--max-new-tokens", "12", "--json", "--ignore-eos"])[0]
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "grok1", "serve", "--tp", "2", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_health(url, 200)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+        out = client.completions.create(model="grok-1-mini", prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == want["text"]
+        chunks = client.completions.create(model="grok-1-mini", prompt=prompt, max_tokens=12, temperature=0,
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in chunks) == want["text"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        finally:
+            stop([server])
+
+
+def test_serve_answers_503_when_a_rank_dies():
+    port = free_port()
+    argv = ["serve", "--tp", "2", "--port", str(port), "--heartbeat-timeout", "3"]
+    procs = launch([argv, argv])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_health(url, 200)
+        procs[1].send_signal(signal.SIGKILL)
+        health = wait_health(url, 503, timeout=60)  # bounded: the watchdog's 3 s plus a step
+        assert health["status"] != "ok"
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"model": "grok-1-mini", "prompt": "Hello", "max_tokens": 4}).encode()
+        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=30)
+        assert e.value.code == 503
+    finally:
+        stop(procs)

@@ -170,13 +170,14 @@ def run(args: argparse.Namespace) -> int:
               "address can use the model (set GROK1_API_KEY or --api-key-file)", file=sys.stderr, flush=True)
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if int(os.environ.get("RANK", "0")) == 0:  # the process that will listen (rank 0 under torchrun)
+        args.port = check_listen(args.host, args.port)  # a bad address or a port in use: said before loading
     cfg = config_from_args(args)  # fail fast on a bad checkpoint path or config, before starting anything
     job = ranks.join(args, cfg)
     if job is not None and job.rank != 0:  # a follower: runs rank 0's steps through its shard until told to stop
         follow(engine_from_args(args, job).runner, job.control)
         job.leave()
         return 0
-    args.port = check_listen(args.host, args.port)  # a bad address or a port in use: said before loading
     tokenizer = tokenizer_from_args(args)
     if job is not None:  # rank 0 of a job: the engine runs in this process (the one in the process group)
         engine: EngineClient = leader_engine(args, job)

@@ -163,7 +163,7 @@ def test_release_checkpoint_fine_tunes_and_merges(golden_dir, pattern_file, tmp_
     assert main(["train", *release, "--data", str(pattern_file), "--out", str(run), "--max-steps", "1",
                  "--lora-rank", "2", *FAST]) == 0
     adapter = run / "step-0000001"
-    assert json.loads((adapter / "adapter.json").read_text())["base"]["checkpoint"] == str(golden_dir / "tiny-ckpt")
+    assert json.loads((adapter / "adapter.json").read_text())["base"]["checkpoint"] == str((golden_dir / "tiny-ckpt").resolve())
     merged = tmp_path / "merged"
     assert main(["train", "merge", "--adapter", str(adapter), *release, "--out", str(merged)]) == 0
     assert (merged / "config.json").is_file()

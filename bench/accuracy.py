@@ -3,7 +3,8 @@
     python -m bench.accuracy [--configs tiny-golden,bench-m] [--tokens 64]
 
 tiny-golden: the golden checkpoint's int8 weights (exact, as released) against the reference's
-fp32 golden logits, then the same weights repacked as int4 / bf16 (from the dequantised int8).
+fp32 golden logits; with `--table int8|bf16` (a rounded copy of the table for the output projection
+only); with the whole table int8; then the same weights repacked as int4 / bf16 (from the dequantised int8).
 bench-s / bench-m: seeded random float32 weights against each stored format, on random tokens.
 One JSON line per (config, format): max and mean absolute logit error, relative error (max error
 over the largest reference logit) and top-1 agreement over all positions.
@@ -40,12 +41,14 @@ def golden_rows() -> list[dict]:
     prompts = [torch.tensor(z["prompt_ids"][k : k + 1, : z["prompt_lens"][k]], dtype=torch.long) for k in range(3)]
     ref = torch.cat([torch.from_numpy(z[f"logits_fp32_p{k}"]) for k in range(3)])
     rows = []
-    for fmt in ("int8", "int8+int8-table", "int4", "bf16"):
-        model = load_model(GOLDEN / "tiny-ckpt", cfg, "cpu", torch.float32)
-        if fmt in ("int4", "bf16"):
+    for fmt in ("int8", "--table int8", "--table bf16", "int8+int8-table", "int4", "bf16"):
+        # --table: what `grok1 generate --table ...` loads (a rounded copy for the output projection only)
+        table = fmt.removeprefix("--table ") if fmt.startswith("--table") else None
+        model = load_model(GOLDEN / "tiny-ckpt", cfg, "cpu", torch.float32, table=table)
+        if not table and fmt in ("int4", "bf16"):
             dequantize_model(model)
             quantize_model(model, fmt)
-        if fmt != "int8":
+        if fmt != "int8" and not table:
             quantize_embedding(model, "bf16" if fmt == "bf16" else "int8")
         with torch.inference_mode():
             ours = torch.cat([model(p)[0] for p in prompts])

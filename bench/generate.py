@@ -44,7 +44,7 @@ from bench.common import (
     warn_if_noisy,
 )
 from bench.roofline import cached_read_bandwidth_gbs
-from grok1.config import ModelConfig, from_name
+from grok1.config import ModelConfig, from_name, resolve_config
 from grok1.kernels import install
 from grok1.model import Experts, Transformer, init_weights
 from grok1.panels import pack_model
@@ -252,6 +252,9 @@ def main() -> None:
                         "(the stored row-major matrices through the older kernel) (default panels)")
     p.add_argument("--naive", action="store_true", help="also time the reference-like all-experts MoE")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and token ids (default 0)")
+    p.add_argument("--checkpoint", type=Path, metavar="DIR",
+                   help="measure this checkpoint (any format grok1 loads, packed as `grok1 generate` runs it) "
+                        "instead of --config/--weights (bench/versus.py uses it)")
     p.add_argument("--golden-dir", type=Path, default=GOLDEN_DIR, help=f"golden data (default {GOLDEN_DIR})")
     p.add_argument("--record", action="store_true", help="also append the rows to bench/results.jsonl")
     args = p.parse_args()
@@ -271,6 +274,14 @@ def main() -> None:
     # Measured (or read from bench/roofline.json) before any model exists, so it stays out of peak RSS.
     roofline = {t: cached_read_bandwidth_gbs(t) for t in args.threads}
     torch.set_grad_enabled(False)
+    if args.checkpoint is not None:
+        model = load_model(args.checkpoint, resolve_config(args.checkpoint), "cpu", torch.float32, pack=True)
+        with torch.inference_mode():
+            for row in bench_model(model, args, roofline):
+                emit({**base, "config": str(args.checkpoint), "weights": "checkpoint", "layout": "panels", **row},
+                     args.record)
+                warn_if_noisy(row["other_cpu_pct"], f"{args.checkpoint} threads {row['threads']} batch {row['batch']}")
+        return
     for config in args.config:
         for weights, layout in itertools.product(args.weights, args.layout):
             t0 = time.perf_counter()

@@ -5,7 +5,9 @@ puts in place of a finished model's attention and norms.
 The build is cached (under ~/.cache/torch_extensions, keyed by the sources, flags and this CPU's
 instruction set), so only the first run on a machine pays the ~30-60 s compile; a killed build or two
 first uses at once are safe (extension.py). Where no compiler is available the callers fall back to
-plain torch, after one warning. Set GROK1_KERNELS=0 to force the fallback.
+plain torch, after one warning. GROK1_KERNELS picks the build: unset or `native` (this CPU's instruction
+set, -march=native), `avx2` (the same without AVX-512: what an AVX2-only CPU runs, to measure that path
+on an AVX-512 machine), `0` (no compiled kernels: the plain-torch fallback).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ _SOURCES = [_CSRC / n for n in ("linear.cpp", "panels.cpp", "attention.cpp", "ar
 # -ffp-contract=off: a * b + c stays two roundings unless the source asks for a fused multiply-add (the
 # attention kernel's RoPE must round as torch's elementwise ops do).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+# Instruction sets a build may be limited to (GROK1_KERNELS): the kernels pick their code paths by the
+# compiler's macros (simd.h), so `avx2` compiles exactly what an AVX2-only CPU gets.
+ISAS = {"native": [], "1": [], "avx2": ["-mno-avx512f"]}
 
 # Rows of activations from which the matmul dequantises weight tiles and uses BLAS (compute-bound
 # prefill) instead of streaming the weights through the register kernel (memory-bound decode).
@@ -51,10 +56,14 @@ def _build_tag() -> str:
 @functools.cache
 def cpu_ops() -> ModuleType | None:
     """The compiled kernel module, or None (with one warning) where it cannot be built."""
-    if os.environ.get("GROK1_KERNELS", "1") == "0":
+    choice = os.environ.get("GROK1_KERNELS", "native")
+    if choice == "0":
         return None
+    if choice not in ISAS:
+        raise ValueError(f"GROK1_KERNELS={choice!r}: valid values are {', '.join(ISAS)} and 0")
     try:
-        return extension.load(f"grok1_kernels_{_build_tag()}", _SOURCES, CFLAGS, ["-fopenmp"])
+        suffix = "" if choice == "native" else f"_{choice}"
+        return extension.load(f"grok1_kernels{suffix}_{_build_tag()}", _SOURCES, CFLAGS + ISAS[choice], ["-fopenmp"])
     except Exception as e:  # noqa: BLE001  no compiler, no ninja, unsupported platform: run slower, but run
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"grok1: compiled CPU kernel unavailable ({reason}); using the slower pure-torch path",

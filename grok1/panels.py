@@ -103,17 +103,21 @@ class PackedEmbedding(nn.Module):
     """The tied embedding table [V, D] in panels (float32, or int8 with one scale per row): rows are
     gathered for the lookup, and the output projection is the panel kernel's."""
 
-    def __init__(self, panels: Tensor, scales: Tensor, vocab_size: int) -> None:
+    def __init__(self, panels: Tensor, scales: Tensor, vocab_size: int, rows: Tensor | None = None) -> None:
+        """rows: the table's exact values for the lookup, where the panels hold a rounded copy (QEmbedding.rows)."""
         super().__init__()
         self.vocab_size = vocab_size
         self.register_buffer("panels", panels)
         self.register_buffer("scales", scales)
+        self.register_buffer("rows", rows, persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32  # packed only for float32 compute
 
     def forward(self, tokens: Tensor) -> Tensor:
+        if self.rows is not None:
+            return self.rows[tokens].float()
         rows = self.panels[tokens // PANEL, :, tokens % PANEL]  # [.., D]
         if rows.dtype == torch.int8:
             return rows.float() * self.scales[0, tokens][..., None]
@@ -166,7 +170,7 @@ def pack_model(model: Transformer, release: Callable[[Tensor], None] | None = No
                                                   for i in "123")))
         elif isinstance(child, TiedEmbedding) or (isinstance(child, QEmbedding) and _packable(child.weight)):
             setattr(parent, name, PackedEmbedding(*panels(child.weight, getattr(child, "scales", None)),
-                                                  child.weight.shape[0]))
+                                                  child.weight.shape[0], getattr(child, "rows", None)))
         del child
     if is_packed(model):
         # What stays is small (norms, router): copy it too, so that nothing holds on to a memory-mapped

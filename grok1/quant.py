@@ -167,17 +167,23 @@ class QEmbedding(nn.Module):
     for lookup and as the output projection. Not the release's format (its table is float32): an
     opt-in for speed, since the unembedding is the largest single read per decoded token."""
 
-    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None,
+                 rows: Tensor | None = None) -> None:
+        """rows: the table's values in a float dtype, for the lookup (one row per token: few bytes) where the
+        stored weight is a rounded copy made for the output projection (`quantize_embedding`)."""
         super().__init__()
         self.compute_dtype = dtype
         self.register_buffer("weight", torch.zeros(vocab_size, dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(1, vocab_size, dtype=torch.bfloat16, device=device))
+        self.register_buffer("rows", rows, persistent=False)  # not a checkpoint tensor
 
     @property
     def dtype(self) -> torch.dtype:
         return self.compute_dtype
 
     def forward(self, tokens: Tensor) -> Tensor:
+        if self.rows is not None:
+            return self.rows[tokens].to(self.compute_dtype)
         rows = self.weight[tokens]  # [B, T, D]
         if rows.dtype == torch.int8:
             return (rows.float() * self.scales[0, tokens].float()[..., None]).to(self.compute_dtype)
@@ -187,16 +193,32 @@ class QEmbedding(nn.Module):
         return _matmul(h, self.weight, self.scales)
 
 
-def quantize_embedding(model: Transformer, fmt: str = "int8") -> None:
+TABLE_FORMATS = ("int8", "bf16", "fp32")  # how the tied table may be stored (`grok1 ... --table`)
+
+
+def quantize_embedding(model: Transformer, fmt: str = "int8", exact_lookup: bool = False) -> None:
     """Store the tied embedding table as int8 (per-row scales), bf16 or fp32 (then only to use the
-    compiled kernel for the unembedding), keeping the compute dtype."""
-    if fmt not in ("int8", "bf16", "fp32"):
-        raise ValueError(f"the embedding table can be stored as int8, bf16 or fp32, not {fmt!r}")
-    emb: TiedEmbedding = model.tok_embeddings
-    V, D = emb.weight.shape
-    q = QEmbedding(V, D, emb.dtype, emb.weight.device)
-    q.weight, q.scales = pack(emb.weight.data, fmt, 1)
-    model.tok_embeddings = q
+    compiled kernel for the unembedding), keeping the compute dtype. The table may already be stored in
+    any of these (a QEmbedding: its values are taken exactly, then stored in `fmt`), and may sit inside a
+    wrapper holding it as `.table` (a tensor-parallel rank's rows). exact_lookup: the input embedding keeps
+    reading the table's own values (the original tensor, not a copy: a memory-mapped table stays mapped and
+    only the rows looked up are read), so only the output projection sees the rounded table."""
+    if fmt not in TABLE_FORMATS:
+        raise ValueError(f"the embedding table can be stored as {', '.join(TABLE_FORMATS)}, not {fmt!r}")
+    holder, name = model, "tok_embeddings"
+    while not isinstance(getattr(holder, name), (TiedEmbedding, QEmbedding)):
+        holder, name = getattr(holder, name), "table"
+    emb = getattr(holder, name)
+    if isinstance(emb, TiedEmbedding):
+        dense = emb.weight.data
+        rows = dense if exact_lookup else None
+    else:
+        dense = unpack(emb.weight, emb.scales, torch.float32)
+        rows = emb.rows if emb.rows is not None else (dense if exact_lookup else None)
+    V, D = dense.shape
+    q = QEmbedding(V, D, emb.dtype, dense.device, rows)
+    q.weight, q.scales = pack(dense, fmt, 1)
+    setattr(holder, name, q)
 
 
 def swap_to_int8(model: Transformer, groups: dict[str, int] | None = None) -> None:

@@ -170,7 +170,7 @@ def model_from_args(args: argparse.Namespace, cfg: ModelConfig, mesh: Mesh | Non
     # Inference only (generate, chat, serve, score, check): the kernel's weight layout where it runs.
     # pack=None: panels unless the weights do not fit in the memory this process may use (then kept mapped).
     model = load_model(args.checkpoint, cfg, args.device, dtype, pack=False if getattr(args, "no_pack", False) else None,
-                       mesh=mesh)
+                       mesh=mesh, table=getattr(args, "table", None))
     if loud:
         print(f"grok1 {args.command}: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model

@@ -541,7 +541,7 @@ torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, to
           const int64_t panel_bytes = W.K * 16 * (W.int8 ? 1 : 4), ahead = std::min<int64_t>(panel_bytes, 1024);
           for (int64_t p = 0; p < std::min<int64_t>(W.P, 4); ++p)
             for (int64_t b = 0; b < ahead; b += 64)
-              __builtin_prefetch(static_cast<const char*>(W.w) + p * panel_bytes + b, 0, 0);
+              grok1::prefetch_stream(static_cast<const char*>(W.w) + p * panel_bytes + b);
         }
     }
     if (n >= gemm_min_rows) {  // prefill-sized: the BLAS path, on tensor views of the buffers

@@ -55,13 +55,12 @@ inline void tile(const float* x, const Panels& W, int64_t u, float* y, int64_t l
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NU; ++j) acc[r][j] = zero();
     for (int64_t k = g * kg; k < (g + 1) * kg; ++k) {
-      // Each panel is a stream: ask for its weights 64 inputs ahead (non-temporal: they pass through once per
-      // step, so they need not push the rest of the working set out of the caches).
+      // Each panel is a stream: ask for its weights 64 inputs ahead (the hint is the CPU's: simd.h).
       if (k % K_PER_LINE<T> == 0) {
         // near the panel's end: the start of the panel this unit's column of tiles reads next
         const int64_t ahead = k + 64;
         const int64_t next = ahead < W.K ? ahead * PANEL : (ahead - W.K + NU_STRIDE<NU> * W.K) * PANEL;
-        for (int j = 0; j < NU; ++j) __builtin_prefetch(col[j] + next, 0, 0);
+        for (int j = 0; j < NU; ++j) grok1::prefetch_stream(col[j] + next);
       }
       Vec w[NU];
       for (int j = 0; j < NU; ++j) w[j] = load(col[j] + k * PANEL);
@@ -99,6 +98,21 @@ template <int MR> constexpr int nu_for() { return MR == 1 ? 6 : 3; }
 constexpr int MR_MAX = 4;
 template <int MR> constexpr int nu_for() { return 4; }
 #endif
+
+// The tile width (vector units) of a block of M < MR_MAX rows.
+inline int64_t tile_units(int64_t M) {
+  switch (M) {
+#if defined(GROK1_AVX512)
+    case 7: return nu_for<7>();
+    case 6: return nu_for<6>();
+    case 5: return nu_for<5>();
+    case 4: return nu_for<4>();
+#endif
+    case 3: return nu_for<3>();
+    case 2: return nu_for<2>();
+    default: return nu_for<1>();
+  }
+}
 
 // Rows m0..m0+MR of x against the column units [u0, u1), NU at a time.
 template <int MR, typename T>
@@ -139,11 +153,14 @@ void panel_matmul(const float* x, int64_t M, const void* w, bool int8, const flo
   const Panels W{w, int8, s, N, K, G, P};
   const int64_t units = (N + L - 1) / L;
   // Chunks of columns whose weights stay in the core's cache (~256 KB) while all the rows go past them, at
-  // least 4 per thread when there is work for several, in multiples of 24 units (whole tiles for every MR).
+  // least 4 per thread when there is work for several, in whole tiles of the widest row block (few rows:
+  // tiles of nu_for<M> units, so a narrow matrix such as a 1024-output w2 still splits evenly between
+  // threads; more rows: multiples of 24 units, whole tiles for every MR).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t unit_bytes = K * L * (int8 ? 1 : 4);
   const int64_t by_cache = (256 * 1024) / std::max<int64_t>(unit_bytes, 1);
-  const int64_t chunk = std::max<int64_t>(24, std::min(by_cache, (units + 4 * threads - 1) / (4 * threads)) / 24 * 24);
+  const int64_t whole = M >= MR_MAX ? 24 : tile_units(M);
+  const int64_t chunk = std::max<int64_t>(whole, std::min(by_cache, (units + 4 * threads - 1) / (4 * threads)) / whole * whole);
   const int64_t n_chunks = (units + chunk - 1) / chunk;
   const bool parallel = threads > 1 && M * N * K >= (1 << 18);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (parallel)

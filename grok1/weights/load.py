@@ -23,7 +23,7 @@ from grok1.model import Transformer
 from grok1.panels import pack_model
 from grok1.parallel.dist import Mesh, connect, plans, shard
 from grok1.parallel.tp import matrix_format, take, weight_name
-from grok1.quant import CONFIG_NAMES, QEmbedding, swap_to_int8, weight_format
+from grok1.quant import CONFIG_NAMES, QEmbedding, quantize_embedding, swap_to_int8, weight_format
 from grok1.weights import safetensors as st
 from grok1.weights.legacy import CheckpointError
 from grok1.weights.source import Source, find_release_dir, open_source
@@ -87,14 +87,17 @@ def _should_pack(source: Source, device: torch.device | str, mesh: Mesh | None) 
 
 
 def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None, pack: bool | None = False, mesh: Mesh | None = None) -> Transformer:
+               dtype: torch.dtype | None = None, pack: bool | None = False, mesh: Mesh | None = None,
+               table: str | None = None) -> Transformer:
     """Load a checkpoint (any format `source.open_source` reads) into an eval-mode Transformer computing in
     `dtype` on `device`. int8 weights stay int8; attention and norms run the compiled kernels where they
     apply (kernels.install). pack=True: for inference, the matrices in the kernel's panels
     (panels.pack_model), each memory-mapped original released once copied; pack=None (the CLI's default):
     the same, unless memory-mapped weights do not fit in the memory this process may use (_should_pack).
     mesh: this rank's part of a tensor/expert-parallel model (grok1/parallel), reading only its slices,
-    with its collectives."""
+    with its collectives. table: a copy of the tied embedding table in int8 (one scale per row) or bf16 for the
+    output projection, the one read of the whole table per token (the release holds it as float32); the input
+    lookup keeps the stored values. None: the table as stored, for both."""
     dtype = dtype or default_dtype(device)
     source = open_source(checkpoint, cfg)
     if pack is None:
@@ -112,6 +115,8 @@ def load_model(checkpoint: str | Path, cfg: ModelConfig, device: torch.device | 
         raise CheckpointError(f"{checkpoint}: checkpoint did not provide {', '.join(missing[:5])}")
     if mesh is not None:
         connect(model, mesh)
+    if table is not None:
+        quantize_embedding(model, table, exact_lookup=True)
     model = kernels.install(model.eval())
     return pack_model(model, release=release_pages) if pack else model
 

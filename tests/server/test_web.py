@@ -3,6 +3,7 @@ open it, send a message, watch the answer stream in, stop one, take a screenshot
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def test_layout_keeps_header_and_input_in_view_at_desktop_and_phone_sizes(demo, 
     model, tok = demo
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                             {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 700})
-    with live_server(model, tok, max_batch=2, max_seq_len=256, name="grok-1-mini") as (url, _engine):
+    with live_server(model, tok, max_batch=2, max_seq_len=256, name="grok-1-mini") as (url, engine):
         browser.get(url + "/")
         find = browser.find_element
         wait_for(lambda: "context 256" in find(By.ID, "model").text, what="the model and its context")
@@ -146,7 +147,10 @@ def test_layout_keeps_header_and_input_in_view_at_desktop_and_phone_sizes(demo, 
         # The context filled: the oldest turns were left out of the request, and every answer came.
         assert browser.find_elements(By.CSS_SELECTOR, ".msg.note")
         assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
-        # A stopped answer is marked as such.
+        # A stopped answer is marked as such. Each step is made slow first (the runner's own method, wrapped in
+        # this instance), so the answer cannot finish before the click however fast the kernels are.
+        run = engine.runner.run
+        engine.runner.run = lambda step: (time.sleep(0.05), run(step))[1]
         find(By.ID, "prompt").send_keys("Tell me the whole story again, slowly.")
         find(By.ID, "send").click()
         wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")) == 6 and

@@ -112,7 +112,8 @@ def bytes_per_token(model: Transformer) -> int:
     embedding row, the final norm, and per layer everything except the experts, plus A/E of the experts."""
     cfg = model.config
     emb = model.tok_embeddings
-    table = sum(t.nbytes for t in [*emb.parameters(), *emb.buffers()])
+    # (a --table copy: the output projection reads the copy; the lookup's exact rows, one per token, are left out)
+    table = sum(t.nbytes for name, t in [*emb.named_parameters(), *emb.named_buffers()] if name.rpartition(".")[2] != "rows")
     total = table + table // cfg.vocab_size + model.norm.weight.nbytes  # the table, and about one row of it
     for layer in model.layers:
         for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
@@ -250,6 +251,9 @@ def main() -> None:
     p.add_argument("--layout", action="append",
                    help="weight layout, comma list: panels (what the grok1 commands run: panels.pack_model) or rows "
                         "(the stored row-major matrices through the older kernel) (default panels)")
+    p.add_argument("--table", choices=["int8", "bf16"],
+                   help="as `grok1 generate --table`: the output projection reads an int8 or bf16 copy of the tied "
+                        "table (with --weights int8-f32emb: the release's float32 table for the lookup)")
     p.add_argument("--naive", action="store_true", help="also time the reference-like all-experts MoE")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and token ids (default 0)")
     p.add_argument("--checkpoint", type=Path, metavar="DIR",
@@ -275,7 +279,8 @@ def main() -> None:
     roofline = {t: cached_read_bandwidth_gbs(t) for t in args.threads}
     torch.set_grad_enabled(False)
     if args.checkpoint is not None:
-        model = load_model(args.checkpoint, resolve_config(args.checkpoint), "cpu", torch.float32, pack=True)
+        model = load_model(args.checkpoint, resolve_config(args.checkpoint), "cpu", torch.float32, pack=True,
+                           table=args.table)
         with torch.inference_mode():
             for row in bench_model(model, args, roofline):
                 emit({**base, "config": str(args.checkpoint), "weights": "checkpoint", "layout": "panels", **row},
@@ -285,7 +290,10 @@ def main() -> None:
     for config in args.config:
         for weights, layout in itertools.product(args.weights, args.layout):
             t0 = time.perf_counter()
-            model = install(build_model(config, weights, args.golden_dir, args.seed))
+            model = build_model(config, weights, args.golden_dir, args.seed)
+            if args.table:
+                quantize_embedding(model, args.table, exact_lookup=True)
+            model = install(model)
             if layout == "panels":
                 pack_model(model)
             log(f"{config} {weights} {layout}: built in {time.perf_counter() - t0:.1f} s, "

@@ -19,7 +19,7 @@ from grok1.quant import QEmbedding, dequantize, quantize_embedding
 from grok1.weights.load import load_model
 
 # Max |logit - reference| on the golden prompts (logits up to 12.9), measured when the option was added
-# (docs/speed.md): int8 9.3e-2, bf16 2.7e-2; the bounds leave ~2x room. The stored float32 table is within the
+# (bench/README.md): int8 9.3e-2, bf16 2.7e-2; the bounds leave ~2x room. The stored float32 table is within the
 # model's own 1e-3.
 BOUND = {None: 1e-3, "int8": 0.2, "bf16": 0.06}
 

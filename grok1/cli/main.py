@@ -30,10 +30,11 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (weights stay int8); default float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--table", choices=["int8", "bf16"],
-                   help="store the tied embedding table, read whole for every token's logits, as int8 (one scale "
-                        "per row: a quarter of the release's float32 bytes) or bf16 (half; rounds each value to 8 "
-                        "significant bits) instead of as the checkpoint holds it; both change the logits slightly "
-                        "(measured on the golden model: docs/speed.md); default: as stored")
+                   help="the output projection reads a copy of the tied embedding table (read whole for every "
+                        "token's logits) made at load as int8 (one scale per row: a quarter of the release's float32 "
+                        "bytes) or bf16 (half; each value rounded to 8 significant bits); the input lookup keeps the "
+                        "stored rows (so the copy adds its own bytes to memory); both change the logits slightly "
+                        "(the error on the golden model: bench/README.md); default: the table as stored, for both")
     g.add_argument("--device", default="cpu", type=device_arg, help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
     g.add_argument("--no-pack", action="store_true",
                    help="generate/chat/serve/score/check on CPU: keep the int8 and fp32 matrices memory-mapped in the "

@@ -1,6 +1,6 @@
 """Panels: the compiled CPU kernel's own storage layout for a matrix, for inference.
 
-A matrix W [.., N, K] (int8 with bf16 scales [.., G, N], or float32) is stored as panels
+A matrix W [.., N, K] (int8 with bf16 scales [.., G, N], bf16, or float32) is stored as panels
 [.., ceil(N / 16), K, 16]: panel p holds outputs 16p..16p+15, input k's 16 weights side by side (outputs
 past N are zero), with the int8 scales widened to float32 [.., G, 16 ceil(N / 16)]. The kernel
 (grok1/csrc/panels.cpp) then streams weights in the order it multiplies them: no horizontal sums, 2-3x
@@ -29,8 +29,8 @@ PANEL = 16
 
 def to_panels(w: Tensor, scales: Tensor | None = None,
               release: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
-    """int8 (with scales) or float32 w [.., N, K] -> (panels [.., P, K, 16], float32 scales [.., G, 16 P] or
-    empty), P = ceil(N / 16). Copied ~64 MB at a time, `release(rows)` called on each piece of w once copied,
+    """int8 (with scales), bf16 or float32 w [.., N, K] -> (panels [.., P, K, 16], float32 scales [.., G, 16 P]
+    for int8, else empty), P = ceil(N / 16). Copied ~64 MB at a time, `release(rows)` called on each piece of w once copied,
     so a memory-mapped w need not be resident whole next to its copy."""
     *lead, n, k = w.shape
     p = -(-n // PANEL)
@@ -69,7 +69,7 @@ def from_panels(panels: Tensor, scales: Tensor, n_out: int, dtype: torch.dtype) 
 
 
 class PackedLinear(nn.Module):
-    """Bias-free linear layer over a panel-packed weight (int8 or float32)."""
+    """Bias-free linear layer over a panel-packed weight (int8, bf16 or float32)."""
 
     def __init__(self, panels: Tensor, scales: Tensor, out_features: int) -> None:
         super().__init__()
@@ -83,7 +83,7 @@ class PackedLinear(nn.Module):
 
 
 class PackedExperts(_ExpertStacks):
-    """Experts whose w1, w3 [E, F, D] and w2 [E, D, F] are panel-packed (int8 or float32)."""
+    """Experts whose w1, w3 [E, F, D] and w2 [E, D, F] are panel-packed (int8, bf16 or float32)."""
 
     def __init__(self, w1: tuple[Tensor, Tensor], w2: tuple[Tensor, Tensor], w3: tuple[Tensor, Tensor]) -> None:
         super().__init__()
@@ -100,7 +100,7 @@ class PackedExperts(_ExpertStacks):
 
 
 class PackedEmbedding(nn.Module):
-    """The tied embedding table [V, D] in panels (float32, or int8 with one scale per row): rows are
+    """The tied embedding table [V, D] in panels (float32, bf16, or int8 with one scale per row): rows are
     gathered for the lookup, and the output projection is the panel kernel's."""
 
     def __init__(self, panels: Tensor, scales: Tensor, vocab_size: int, rows: Tensor | None = None) -> None:
@@ -121,7 +121,7 @@ class PackedEmbedding(nn.Module):
         rows = self.panels[tokens // PANEL, :, tokens % PANEL]  # [.., D]
         if rows.dtype == torch.int8:
             return rows.float() * self.scales[0, tokens][..., None]
-        return rows
+        return rows.float()
 
     def unembed(self, h: Tensor) -> Tensor:
         y = kernels.panel_linear(h, self.panels, self.scales, self.vocab_size)
@@ -137,13 +137,13 @@ def is_packed(model: Transformer) -> bool:
 
 
 def _packable(weight: Tensor) -> bool:
-    return weight.dtype in (torch.int8, torch.float32)
+    return weight.dtype in (torch.int8, torch.bfloat16, torch.float32)
 
 
 def pack_model(model: Transformer, release: Callable[[Tensor], None] | None = None) -> Transformer:
     """Store the attention projections, the experts and the tied embedding in panels, in place, where the
-    compiled CPU kernel runs them: CPU, float32 compute, kernel built, int8 or float32 weights (int4 and
-    bf16 ones stay as they are). For inference: the result computes the same function (to float32
+    compiled CPU kernel runs them: CPU, float32 compute, kernel built, int8, bf16 or float32 weights (int4
+    ones stay as they are). For inference: the result computes the same function (to float32
     rounding), but training, LoRA and saving need the unpacked modules. `release(tensor)` is called on
     each matrix once packed (a loader's chance to drop its pages). Returns the model."""
     emb = model.tok_embeddings

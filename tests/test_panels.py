@@ -34,7 +34,7 @@ def weights(fmt: str, N: int, K: int, G: int, seed: int = 0) -> tuple[torch.Tens
     return pack(torch.randn(N, K, generator=torch.Generator().manual_seed(seed)), fmt, G)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp32"])
+@pytest.mark.parametrize("fmt", ["int8", "bf16", "fp32"])
 @pytest.mark.parametrize("N,K,G", SHAPES)
 def test_panels_hold_exactly_the_matrix(fmt, N, K, G):
     w, s = weights(fmt, N, K, G)
@@ -47,7 +47,7 @@ def test_panels_hold_exactly_the_matrix(fmt, N, K, G):
     assert torch.equal(from_panels(panels, scales, N, torch.float32), unpack(w, s, torch.float32))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp32"])
+@pytest.mark.parametrize("fmt", ["int8", "bf16", "fp32"])
 @pytest.mark.parametrize("N,K,G", SHAPES)
 def test_panel_matmul_matches_float64(ops, fmt, N, K, G):
     w, s = weights(fmt, N, K, G, seed=N + K)
@@ -60,7 +60,7 @@ def test_panel_matmul_matches_float64(ops, fmt, N, K, G):
         torch.testing.assert_close(y.double(), x.double() @ dense.T, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp32"])
+@pytest.mark.parametrize("fmt", ["int8", "bf16", "fp32"])
 def test_a_row_gets_the_same_bits_whatever_shares_the_call(ops, fmt):
     """Every row, at every batch size (all tile shapes and tails, beyond the old BLAS switch) and thread
     count, is bit-identical to the same row computed alone."""
@@ -117,14 +117,15 @@ def test_experts_in_panels_match_the_row_major_experts(ops, one_thread):
         assert torch.equal(out, one_by_one)
 
 
-@pytest.mark.parametrize("fmt,table", [("int8", "fp32"), ("int8", "int8"), ("fp32", "fp32"), ("int4", "fp32")])
+@pytest.mark.parametrize("fmt,table", [("int8", "fp32"), ("int8", "int8"), ("fp32", "fp32"), ("int4", "fp32"),
+                                       ("bf16", "bf16")])
 def test_pack_model_computes_the_same_function(ops, fmt, table):
     torch.manual_seed(0)
     model = Transformer(small_config())
     init_weights(model, torch.Generator().manual_seed(1))
     quantize_model(model, fmt)
-    if table == "int8":
-        quantize_embedding(model, "int8")
+    if table != "fp32":
+        quantize_embedding(model, table)
     model = kernels.install(model.eval())
     tokens = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -194,7 +195,7 @@ def test_avx2_and_scalar_builds_give_the_same_bits(ops, tmp_path_factory):
             if fmt == "int4" and K % 32:
                 continue
             w, s = pack(torch.randn(N, K, generator=g), fmt, G)
-            panels = to_panels(w, s) if fmt in ("int8", "fp32") else None
+            panels = to_panels(w, s) if fmt in ("int8", "bf16", "fp32") else None
             for M in (1, 3, 8, 9, 20):
                 x = torch.randn(M, K, generator=g)
                 for name, mod in builds.items():

@@ -5,7 +5,7 @@
 //   int4  q uint8 [N, K / 2], scales bf16 [N, K / 32]: blocks of 32 inputs, byte j of a block holds
 //         input j in its low nibble and input j + 16 in its high nibble, values stored + 8
 //   bf16  w bf16 [N, K];  fp32  w float32 [N, K]
-//   panels  w int8 or float32 [ceil(N / 16), K, 16], int8 with scales float32 [G, 16 ceil(N / 16)]: see
+//   panels  w int8, bf16 or float32 [ceil(N / 16), K, 16], int8 with scales float32 [G, 16 ceil(N / 16)]: see
 //         panels.cpp (every M goes through its kernel)
 // Weights are converted to float32 in registers, never materialised whole: decode (small M)
 // streams each weight byte once, at memory speed. Large M (prefill) dequantises one tile of
@@ -21,7 +21,7 @@
 #include <vector>
 #include "simd.h"
 
-void panel_matmul(const float* x, int64_t M, const void* w, bool int8, const float* s, int64_t N, int64_t K,
+void panel_matmul(const float* x, int64_t M, const void* w, at::ScalarType type, const float* s, int64_t N, int64_t K,
                   int64_t G, int64_t P, float* y);  // panels.cpp
 
 namespace {
@@ -44,7 +44,7 @@ struct Weights {
   int64_t bytes;  // the whole matrix (to step through a stack of experts)
   const float* sf = nullptr;  // panels: float32 scales [G, 16 P] (int8), else nullptr
   int64_t P = 0;  // panels: number of panels
-  bool int8 = false;  // panels: int8 (else float32)
+  at::ScalarType panel_type = at::kFloat;  // panels: int8 (kChar), bf16 or float32
 };
 
 inline float scale_of(const Weights& W, int64_t n, int64_t g) {
@@ -315,7 +315,7 @@ void gemv_rows(const float* x, int64_t M, const Weights& W, float* y, int64_t n0
 // Small M: stream the weights once, in dynamic chunks (up to CHUNK_KB) so that on a shared machine a
 // descheduled thread's work is taken over instead of stalling the call at the barrier.
 void gemv(const float* x, int64_t M, const Weights& W, float* y) {
-  if (W.fmt == Fmt::PANELS) return panel_matmul(x, M, W.w, W.int8, W.sf, W.N, W.K, W.G, W.P, y);
+  if (W.fmt == Fmt::PANELS) return panel_matmul(x, M, W.w, W.panel_type, W.sf, W.N, W.K, W.G, W.P, y);
   // Large chunks keep each thread's reads sequential for the prefetchers; at least 4 chunks per thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t by_bytes = (CHUNK_KB * 1024) / std::max<int64_t>(W.row_bytes, 1);
@@ -352,7 +352,7 @@ void dequant_row(const Weights& W, int64_t n, float* dst) {
 // Large M: dequantise a tile of weight rows (exact float32 products), multiply with BLAS.
 void tiled_gemm(const torch::Tensor& x, const Weights& W, torch::Tensor& y) {
   if (W.fmt == Fmt::PANELS)  // the panel kernel is compute-bound at any M: no BLAS
-    return panel_matmul(x.data_ptr<float>(), x.size(0), W.w, W.int8, W.sf, W.N, W.K, W.G, W.P, y.data_ptr<float>());
+    return panel_matmul(x.data_ptr<float>(), x.size(0), W.w, W.panel_type, W.sf, W.N, W.K, W.G, W.P, y.data_ptr<float>());
   const int64_t K = W.K, N = W.N;
   const int64_t tile = std::max<int64_t>(16, (256 * 1024) / (K * 4) / 16 * 16);  // ~256 KB of float32 rows
   const int64_t n_tiles = (N + tile - 1) / tile;
@@ -397,9 +397,11 @@ Weights weights_of(const torch::Tensor& w, const torch::Tensor& scales, int64_t 
     if (w.scalar_type() == at::kChar) {
       TORCH_CHECK(scales.dim() == 2 && scales.size(1) == 16 * P && scales.scalar_type() == at::kFloat &&
                   K % scales.size(0) == 0, "int8 panels: scales float32 [G, 16 P]");
-      W.int8 = true, W.G = scales.size(0), W.sf = scales.data_ptr<float>();
+      W.panel_type = at::kChar, W.G = scales.size(0), W.sf = scales.data_ptr<float>();
     } else {
-      TORCH_CHECK(w.scalar_type() == at::kFloat, "panels: w must be int8 or float32");
+      TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+                  "panels: w must be int8, bfloat16 or float32");
+      W.panel_type = w.scalar_type();
     }
     return W;
   }
@@ -538,7 +540,8 @@ torch::Tensor experts(torch::Tensor x, torch::Tensor idx, torch::Tensor gate, to
       while (e2 < E && start[e2 + 1] == start[e2]) ++e2;
       if (e2 < E)
         for (const Weights& W : {expert(W1, s1, e2), expert(W3, s3, e2), expert(W2, s2, e2)}) {
-          const int64_t panel_bytes = W.K * 16 * (W.int8 ? 1 : 4), ahead = std::min<int64_t>(panel_bytes, 1024);
+          const int64_t panel_bytes = W.K * 16 * static_cast<int64_t>(c10::elementSize(W.panel_type)),
+                        ahead = std::min<int64_t>(panel_bytes, 1024);
           for (int64_t p = 0; p < std::min<int64_t>(W.P, 4); ++p)
             for (int64_t b = 0; b < ahead; b += 64)
               grok1::prefetch_stream(static_cast<const char*>(W.w) + p * panel_bytes + b);
@@ -585,7 +588,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the kernels run: a server's event loop keeps going meanwhile.
   m.def("linear", &linear, "y = x @ W.T with W int8 (+scales), packed int4 (+scales), bf16 or fp32",
         py::call_guard<py::gil_scoped_release>());
-  m.def("panel_linear", &panel_linear, "y = x @ W.T with W packed in panels [P, K, 16], int8 (+float32 scales) or fp32",
+  m.def("panel_linear", &panel_linear, "y = x @ W.T with W packed in panels [P, K, 16], int8 (+float32 scales), bf16 or fp32",
         py::call_guard<py::gil_scoped_release>());
   m.def("pack_panels", &pack_panels, "dst [P, K, 16] <- rows [R, K] in panels (panels.to_panels)",
         py::call_guard<py::gil_scoped_release>());

@@ -2,7 +2,7 @@
 // packed B operand, kept as the weights' storage for inference.
 //
 // W [N, K] becomes P [ceil(N / 16), K, 16]: panel p holds output columns 16p..16p+15, input k's 16
-// weights side by side (columns past N are zero). The weights are float32 or int8; int8 panels come
+// weights side by side (columns past N are zero). The weights are float32, bf16 or int8; int8 panels come
 // with float32 scales S [G, 16 * P] (group g covers inputs g K/G .. (g + 1) K/G - 1), the release's
 // bf16 scales widened.
 //
@@ -34,9 +34,8 @@ template <int NU> constexpr int64_t NU_STRIDE = UNITS_PER_PANEL == 1 ? NU : 1;
 template <typename T> constexpr int64_t K_PER_LINE = 64 / (PANEL * sizeof(T));  // inputs per 64-byte line of a panel
 
 struct Panels {
-  const void* w;  // [P, K, 16] float32 or int8
-  bool int8;
-  const float* s;  // int8: [G, 16 P]; float32: nullptr
+  const void* w;  // [P, K, 16] float32, bf16 (as uint16) or int8
+  const float* s;  // int8: [G, 16 P]; else nullptr
   int64_t N, K, G, P;
 };
 
@@ -148,16 +147,16 @@ void rows_against(const float* x, int64_t M, const Panels& W, int64_t u0, int64_
 }  // namespace
 
 // y [M, N] = x [M, K] @ W.T for panel-packed W; threads split the columns.
-void panel_matmul(const float* x, int64_t M, const void* w, bool int8, const float* s, int64_t N, int64_t K,
+void panel_matmul(const float* x, int64_t M, const void* w, at::ScalarType type, const float* s, int64_t N, int64_t K,
                   int64_t G, int64_t P, float* y) {
-  const Panels W{w, int8, s, N, K, G, P};
+  const Panels W{w, s, N, K, G, P};
   const int64_t units = (N + L - 1) / L;
   // Chunks of columns whose weights stay in the core's cache (~256 KB) while all the rows go past them, at
   // least 4 per thread when there is work for several, in whole tiles of the widest row block (few rows:
   // tiles of nu_for<M> units, so a narrow matrix such as a 1024-output w2 still splits evenly between
   // threads; more rows: multiples of 24 units, whole tiles for every MR).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t unit_bytes = K * L * (int8 ? 1 : 4);
+  const int64_t unit_bytes = K * L * static_cast<int64_t>(c10::elementSize(type));
   const int64_t by_cache = (256 * 1024) / std::max<int64_t>(unit_bytes, 1);
   const int64_t whole = M >= MR_MAX ? 24 : tile_units(M);
   const int64_t chunk = std::max<int64_t>(whole, std::min(by_cache, (units + 4 * threads - 1) / (4 * threads)) / whole * whole);
@@ -166,13 +165,14 @@ void panel_matmul(const float* x, int64_t M, const void* w, bool int8, const flo
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (parallel)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t u0 = c * chunk, u1 = std::min(units, u0 + chunk);
-    if (int8) rows_against<int8_t>(x, M, W, u0, u1, y);
+    if (type == at::kChar) rows_against<int8_t>(x, M, W, u0, u1, y);
+    else if (type == at::kBFloat16) rows_against<uint16_t>(x, M, W, u0, u1, y);
     else rows_against<float>(x, M, W, u0, u1, y);
   }
 }
 
-// dst [P, K, 16] (a slice of panels) <- src rows [R, K], R <= 16 P (contiguous, same element type, int8 or
-// float32): dst[p, k, j] = src[16 p + j, k], zero where 16 p + j >= R. Each panel reads its 16 rows side by
+// dst [P, K, 16] (a slice of panels) <- src rows [R, K], R <= 16 P (contiguous, same element type, int8,
+// bf16 or float32): dst[p, k, j] = src[16 p + j, k], zero where 16 p + j >= R. Each panel reads its 16 rows side by
 // side (16 sequential streams) and writes sequentially; threads split the panels.
 template <typename T>
 void pack_rows(const T* s, T* d, int64_t R, int64_t K, int64_t P) {
@@ -194,10 +194,13 @@ void pack_rows(const T* s, T* d, int64_t R, int64_t K, int64_t P) {
 torch::Tensor pack_panels(torch::Tensor src, torch::Tensor dst) {
   TORCH_CHECK(src.dim() == 2 && dst.dim() == 3 && dst.size(2) == 16 && src.size(1) == dst.size(1) &&
               src.size(0) <= 16 * dst.size(0) && src.scalar_type() == dst.scalar_type() && src.is_contiguous() &&
-              dst.is_contiguous() && (src.scalar_type() == at::kChar || src.scalar_type() == at::kFloat),
-              "pack_panels: src [R, K], dst [P, K, 16] with R <= 16 P, both contiguous int8 or float32");
+              dst.is_contiguous() && (src.scalar_type() == at::kChar || src.scalar_type() == at::kFloat ||
+                                      src.scalar_type() == at::kBFloat16),
+              "pack_panels: src [R, K], dst [P, K, 16] with R <= 16 P, both contiguous int8, bf16 or float32");
   const int64_t R = src.size(0), K = src.size(1), P = dst.size(0);
   if (src.scalar_type() == at::kChar) pack_rows(src.data_ptr<int8_t>(), dst.data_ptr<int8_t>(), R, K, P);
+  else if (src.scalar_type() == at::kBFloat16)
+    pack_rows(static_cast<const uint16_t*>(src.data_ptr()), static_cast<uint16_t*>(dst.data_ptr()), R, K, P);
   else pack_rows(src.data_ptr<float>(), dst.data_ptr<float>(), R, K, P);
   return dst;
 }

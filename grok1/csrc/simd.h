@@ -84,6 +84,9 @@ inline Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline Vec load(const int8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
+inline Vec load(const uint16_t* p) {  // bf16: the top half of a float32, exactly
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
+}
 inline Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec mul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline void store(float* p, Vec a, int n) {
@@ -98,6 +101,9 @@ inline Vec set1(float s) { return {_mm256_set1_ps(s)}; }
 inline Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline Vec load(const int8_t* p) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+inline Vec load(const uint16_t* p) {  // bf16: the top half of a float32, exactly
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
 }
 inline Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec mul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
@@ -114,6 +120,12 @@ inline Vec zero() { return {0.f}; }
 inline Vec set1(float s) { return {s}; }
 inline Vec load(const float* p) { return {*p}; }
 inline Vec load(const int8_t* p) { return {static_cast<float>(*p)}; }
+inline Vec load(const uint16_t* p) {
+  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return {f};
+}
 inline Vec fma(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
 inline Vec mul(Vec a, Vec b) { return {a.v * b.v}; }
 inline void store(float* p, Vec a, int n) { if (n) *p = a.v; }

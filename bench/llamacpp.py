@@ -45,9 +45,10 @@ def source_dir() -> Path:
     sdist = CACHE / "sdist" / f"llama_cpp_python-{VERSION}.tar.gz"
     if not sdist.is_file():
         log(f"downloading the llama-cpp-python {VERSION} sdist (~77 MB) with pip")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={VERSION}", "-d", str(sdist.parent)], check=True,
-                       stdout=subprocess.DEVNULL)
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                              f"llama-cpp-python=={VERSION}", "-d", str(sdist.parent)], stdout=subprocess.DEVNULL)
+        if got.returncode or not sdist.is_file():
+            raise SystemExit(f"llama.cpp: could not download the llama-cpp-python {VERSION} sdist with pip (see above)")
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     with tarfile.open(sdist) as tar:

@@ -62,7 +62,7 @@ def cpu_ops() -> ModuleType | None:
     if choice not in ISAS:
         raise ValueError(f"GROK1_KERNELS={choice!r}: valid values are {', '.join(ISAS)} and 0")
     try:
-        suffix = "" if choice == "native" else f"_{choice}"
+        suffix = "" if not ISAS[choice] else f"_{choice}"  # native (or 1): the plain name, as before
         return extension.load(f"grok1_kernels{suffix}_{_build_tag()}", _SOURCES, CFLAGS + ISAS[choice], ["-fopenmp"])
     except Exception as e:  # noqa: BLE001  no compiler, no ninja, unsupported platform: run slower, but run
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

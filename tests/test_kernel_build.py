@@ -117,3 +117,17 @@ def test_the_build_lock_says_whom_it_waits_for_and_dies_with_its_holder(tmp_path
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0 and out.strip() == "taken", err
     assert lock.exists()
+
+
+def test_kernel_choice_names_the_build_and_refuses_unknown_values(tmp_path):
+    """GROK1_KERNELS: `avx2` builds without AVX-512 (its extra flag; tests/test_panels.py checks that build's
+    bits), `1` is the native build, and an unknown value is one error line from the command line, with
+    nothing compiled."""
+    assert kernels.ISAS["avx2"] == ["-mno-avx512f"] and kernels.ISAS["1"] == kernels.ISAS["native"] == []
+    env = {**_env(tmp_path), "GROK1_KERNELS": "avx9"}
+    r = subprocess.run([sys.executable, "-m", "grok1", "generate", "hi", "--max-new-tokens", "2"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "grok1 generate: error: GROK1_KERNELS='avx9': valid values are native, 1, avx2 and 0")
+    assert not list(tmp_path.rglob("*.so")) and COMPILING not in r.stderr

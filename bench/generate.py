@@ -44,6 +44,7 @@ from bench.common import (
     warn_if_noisy,
 )
 from bench.roofline import cached_read_bandwidth_gbs
+from grok1 import kernels
 from grok1.config import ModelConfig, from_name, resolve_config
 from grok1.kernels import install
 from grok1.model import Experts, Transformer, init_weights
@@ -174,7 +175,7 @@ def measure_prefill(model: Transformer, n_tokens: int, reps: int, gen: torch.Gen
         t0 = time.perf_counter()
         logits = prefill(model, cache, [prompt])
         t1 = time.perf_counter()
-        int(logits.argmax())
+        int(kernels.argmax(logits.view(1, -1))[0])
         ttft.append(time.perf_counter() - t0)
         return t1 - t0
 
@@ -198,7 +199,7 @@ def measure_decode(model: Transformer, batch: int, steps: int, reps: int, contex
         tokens, pos = first, torch.full((batch,), context, dtype=torch.long)
         t = time.perf_counter()
         for _ in range(n):
-            tokens = decode_step(model, cache, tokens, pos).argmax(-1)
+            tokens = kernels.argmax(decode_step(model, cache, tokens, pos))  # the greedy pick grok1's engine makes
             pos += 1
         return time.perf_counter() - t
 

@@ -279,37 +279,35 @@ def main() -> None:
     # Measured (or read from bench/roofline.json) before any model exists, so it stays out of peak RSS.
     roofline = {t: cached_read_bandwidth_gbs(t) for t in args.threads}
     torch.set_grad_enabled(False)
-    if args.checkpoint is not None:
-        model = load_model(args.checkpoint, resolve_config(args.checkpoint), "cpu", torch.float32, pack=True,
-                           table=args.table)
-        with torch.inference_mode():
-            for row in bench_model(model, args, roofline):
-                emit({**base, "config": str(args.checkpoint), "weights": "checkpoint", "layout": "panels", **row},
-                     args.record)
-                warn_if_noisy(row["other_cpu_pct"], f"{args.checkpoint} threads {row['threads']} batch {row['batch']}")
-        return
-    for config in args.config:
-        for weights, layout in itertools.product(args.weights, args.layout):
-            t0 = time.perf_counter()
+    if args.checkpoint is not None:  # one model, loaded as `grok1 generate` loads it
+        runs = [(str(args.checkpoint), "checkpoint", "panels")]
+    else:
+        runs = [(c, w, lay) for c in args.config for w, lay in itertools.product(args.weights, args.layout)]
+    for config, weights, layout in runs:
+        t0 = time.perf_counter()
+        if args.checkpoint is not None:
+            model = load_model(args.checkpoint, resolve_config(args.checkpoint), "cpu", torch.float32, pack=True,
+                               table=args.table)
+        else:
             model = build_model(config, weights, args.golden_dir, args.seed)
             if args.table:
                 quantize_embedding(model, args.table, exact_lookup=True)
             model = install(model)
             if layout == "panels":
                 pack_model(model)
-            log(f"{config} {weights} {layout}: built in {time.perf_counter() - t0:.1f} s, "
-                f"{bytes_per_token(model) / 1e6:.1f} MB of weights read per decoded token")
-            with torch.inference_mode():
-                if args.naive:
-                    diff = check_naive(model, torch.Generator().manual_seed(args.seed))
-                    log(f"{config} {weights}: naive vs routed logits, max abs diff {diff:.3g}")
-                    assert diff < 1e-3, f"{config} {weights}: naive path differs from routed by {diff}"
-                for row in bench_model(model, args, roofline):
-                    emit({**base, "config": config, "weights": weights, "layout": layout, **row}, args.record)
-                    warn_if_noisy(row["other_cpu_pct"], f"{config} {weights} {row['path']} "
-                                  f"threads {row['threads']} batch {row['batch']}")
-            del model
-            gc.collect()
+        log(f"{config} {weights} {layout}: built in {time.perf_counter() - t0:.1f} s, "
+            f"{bytes_per_token(model) / 1e6:.1f} MB of weights read per decoded token")
+        with torch.inference_mode():
+            if args.naive:
+                diff = check_naive(model, torch.Generator().manual_seed(args.seed))
+                log(f"{config} {weights}: naive vs routed logits, max abs diff {diff:.3g}")
+                assert diff < 1e-3, f"{config} {weights}: naive path differs from routed by {diff}"
+            for row in bench_model(model, args, roofline):
+                emit({**base, "config": config, "weights": weights, "layout": layout, **row}, args.record)
+                warn_if_noisy(row["other_cpu_pct"], f"{config} {weights} {row['path']} "
+                              f"threads {row['threads']} batch {row['batch']}")
+        del model
+        gc.collect()
 
 
 if __name__ == "__main__":

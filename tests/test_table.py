@@ -93,3 +93,12 @@ def test_generate_table_flag(golden, golden_dir, shared_dir):
     bad = subprocess.run([sys.executable, "-m", "grok1", "generate", *args, prompt, "--table", "int4"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--table" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_info_refuses_the_options_of_commands_that_run_the_model(capsys):
+    """`grok1 info` describes a checkpoint without running it: --table and --no-pack are refused, not ignored."""
+    from grok1.cli.main import main
+
+    assert main(["info", "--table", "int8"]) != 0
+    err = capsys.readouterr().err
+    assert "--table applies to the commands that run the model" in err and "Traceback" not in err

@@ -64,6 +64,10 @@ def memory_bytes(cfg: ModelConfig, kind: str, embedding_bytes: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    given = [flag for flag, on in (("--table", args.table), ("--no-pack", args.no_pack)) if on]
+    if given:  # options of the commands that run the model: refused here, not ignored
+        raise ValueError(f"{', '.join(given)} applies to the commands that run the model (generate, chat, serve, "
+                         f"score, check, eval), not to info")
     if args.context < 1 or args.batch < 1:
         raise ValueError(f"--context and --batch must be at least 1, got {args.context} and {args.batch}")
     config_only = args.checkpoint is None and (args.preset or args.config)

@@ -73,7 +73,7 @@ def join(args: argparse.Namespace, cfg: ModelConfig) -> Job | None:
     watchdog = Watchdog(timeout=args.heartbeat_timeout).start()
     check_same("the model (config, checkpoint index, options)",
                fingerprint(cfg.to_dict(), checkpoint_identity(Path(args.checkpoint)), args.tp, args.ep,
-                           args.dtype, getattr(args, "no_pack", False)), control)
+                           args.dtype, getattr(args, "no_pack", False), getattr(args, "table", None)), control)
     return Job(mesh, watchdog, control)
 
 

@@ -28,12 +28,7 @@ namespace {
 
 enum class Fmt { I8, I4, BF16, F32, PANELS };
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using grok1::bf16_to_float;
 
 struct Weights {
   Fmt fmt;

@@ -69,6 +69,14 @@ inline void prefetch_stream(const void* p) {
   else __builtin_prefetch(p, 0, 3);
 }
 
+// A bf16 value (its bits) as the float32 it stands for: the top half of a float32, exactly.
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 }  // namespace grok1
 
 namespace grok1::vec {
@@ -120,12 +128,7 @@ inline Vec zero() { return {0.f}; }
 inline Vec set1(float s) { return {s}; }
 inline Vec load(const float* p) { return {*p}; }
 inline Vec load(const int8_t* p) { return {static_cast<float>(*p)}; }
-inline Vec load(const uint16_t* p) {
-  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return {f};
-}
+inline Vec load(const uint16_t* p) { return {bf16_to_float(*p)}; }
 inline Vec fma(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
 inline Vec mul(Vec a, Vec b) { return {a.v * b.v}; }
 inline void store(float* p, Vec a, int n) { if (n) *p = a.v; }
